@@ -1,0 +1,44 @@
+"""Configuration: one typed schema (schema.py) and its layered loader.
+
+`load_config(argv)` is the entry point: it returns a frozen `Config` and the warnings, or
+raises `ConfigError` listing every problem (file, section, key, value, fix).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from library.config import cli, loader
+from library.config.loader import ConfigError
+from library.config.schema import Config
+from library.config.validate import validate
+
+__all__ = ["Config", "ConfigError", "LoadedConfig", "load_config"]
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    warnings: tuple[str, ...]
+    config_file: str | None
+    output_config: str | None
+
+
+def load_config(argv: list[str], *, check_paths: bool = True) -> LoadedConfig:
+    ns, overrides, problems = cli.parse(argv)
+    layers = loader.Layers()
+    layers.problems.extend(problems)
+    config_file = None
+    if ns.config_file:
+        path = loader.resolve_config_path(ns.config_file)
+        config_file = str(path)
+        loader.add_file(path, layers)
+    loader.accelerate_env_layer(layers)
+    loader.add_cli(overrides, layers)
+    loader.add_set(ns.set, layers)
+    cfg = loader.normalise(loader.build(layers))
+    if check_paths and not layers.problems:
+        validate(cfg, layers)
+    if layers.problems:
+        raise ConfigError(layers.problems)
+    return LoadedConfig(cfg, tuple(layers.warnings), config_file, ns.output_config)

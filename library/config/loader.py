@@ -1,0 +1,241 @@
+"""Layered loading: defaults < `base` files < the config file < accelerate's env < CLI flags.
+
+Every problem is collected and raised at once as a ``ConfigError``; each message names the
+file (or "command line"), the section, the key, the value and the fix.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from library.config import schema, values
+from library.config.migrate import migrate
+
+
+class ConfigError(Exception):
+    """Bad configuration: every problem found, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass
+class Entry:
+    value: Any
+    origin: str          # "config.toml" or "command line"
+    section: str         # the section the user wrote it in ("" for top level / CLI)
+
+
+class Layers:
+    """Raw values keyed by canonical key name, later layers overriding earlier ones."""
+
+    def __init__(self):
+        self.entries: dict[str, Entry] = {}
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def put(self, key: str, entry: Entry):
+        self.entries[key] = entry
+
+
+def _suggest(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def where(origin: str, section: str, key: str) -> str:
+    sec = f"[{section}] " if section else ""
+    return f"{origin}: {sec}{key}"
+
+
+def resolve_config_path(path: str) -> Path:
+    """kohya accepts `--config_file config` for config.toml."""
+    p = Path(path)
+    if not p.exists() and p.suffix != ".toml" and p.with_name(p.name + ".toml").exists():
+        return p.with_name(p.name + ".toml")
+    return p
+
+
+def read_toml(path: Path, layers: Layers) -> dict | None:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        layers.problems.append(f"{path}: config file not found (check the path given to "
+                               "--config_file or in `base`)")
+    except tomllib.TOMLDecodeError as e:
+        layers.problems.append(f"{path}: invalid TOML: {e} (fix the syntax at that line "
+                               "and column)")
+    except OSError as e:
+        layers.problems.append(f"{path}: cannot read config file: {e}")
+    return None
+
+
+def add_file(path: Path, layers: Layers, stack: tuple[Path, ...] = ()) -> None:
+    """Add one TOML file (after its `base` files) to the layers."""
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in stack + (path,))
+        layers.problems.append(f"{path}: `base` include cycle: {chain} (remove one of the "
+                               "includes)")
+        return
+    data = read_toml(path, layers)
+    if data is None:
+        return
+    data, notes = migrate(data, str(path))
+    layers.warnings.extend(notes)
+    base = data.pop("base", [])
+    if isinstance(base, str):
+        base = [base]
+    if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
+        layers.problems.append(f"{path}: base: expected a list of TOML file paths, got "
+                               f"{base!r}")
+        base = []
+    for b in base:
+        add_file(path.parent / b, layers, stack + (path,))
+    add_mapping(data, str(path), layers)
+
+
+def add_mapping(data: dict, origin: str, layers: Layers) -> None:
+    """Place every key of a parsed TOML document (sections or top level) into the layers."""
+    homes = schema.key_homes()
+    known_sections = set(schema.SECTIONS) | set(schema.SECTION_ALIASES)
+    out_of_home: list[tuple[str, str, Any]] = []
+    at_home: list[tuple[str, str, Any]] = []
+    for name, val in data.items():
+        if name == "config_version":
+            continue
+        if isinstance(val, dict) and name not in homes:
+            if name not in known_sections:
+                layers.problems.append(
+                    f"{origin}: [{name}]: unknown section{_suggest(name, known_sections)}; "
+                    f"valid sections: {', '.join(schema.SECTIONS)} (or kohya's "
+                    "*_arguments names)")
+                continue
+            canon = schema.SECTION_ALIASES.get(name, name)
+            for key, v in val.items():
+                if key not in homes:
+                    layers.problems.append(
+                        f"{where(origin, name, key)}: unknown key{_suggest(key, homes)}")
+                    continue
+                home = homes[key][0]
+                (at_home if home == canon else out_of_home).append((name, key, v))
+                if home != canon:
+                    layers.warnings.append(
+                        f"{where(origin, name, key)}: belongs in [{home}]; accepted here")
+        else:
+            if name not in homes:
+                layers.problems.append(f"{where(origin, '', name)}: unknown key"
+                                       f"{_suggest(name, homes)}")
+                continue
+            at_home.append(("", name, val))
+    # A key written both at home and elsewhere in one file: the home section wins.
+    for section, key, v in out_of_home + at_home:
+        canon_key = homes[key][1].name
+        layers.put(canon_key, Entry(v, origin, section))
+
+
+def add_cli(overrides: list[tuple[str, Any]], layers: Layers) -> None:
+    homes = schema.key_homes()
+    for key, v in overrides:
+        if key not in homes:
+            layers.problems.append(f"command line: --{key}: unknown option"
+                                   f"{_suggest(key, homes)}")
+            continue
+        layers.put(homes[key][1].name, Entry(v, "command line", ""))
+
+
+def add_set(assignments: list[str], layers: Layers) -> None:
+    """`--set section.key=value` (section optional)."""
+    homes = schema.key_homes()
+    for item in assignments:
+        lhs, eq, rhs = item.partition("=")
+        if not eq:
+            layers.problems.append(f"command line: --set {item!r}: expected section.key=value")
+            continue
+        section, _, key = lhs.strip().rpartition(".")
+        if section:
+            canon = schema.SECTION_ALIASES.get(section, section)
+            if canon not in schema.SECTIONS:
+                layers.problems.append(f"command line: --set {item!r}: unknown section "
+                                       f"[{section}]{_suggest(section, schema.SECTIONS)}")
+                continue
+        if key not in homes:
+            layers.problems.append(f"command line: --set {item!r}: unknown key "
+                                   f"{key}{_suggest(key, homes)}")
+            continue
+        layers.put(homes[key][1].name, Entry(values.parse_scalar(rhs), "command line (--set)",
+                                             section))
+
+
+def build(layers: Layers) -> schema.Config:
+    """Typed, range-checked Config from the layers; problems are appended to layers."""
+    sections = {}
+    for sec_name, cls in schema.SECTIONS.items():
+        kwargs = {}
+        for f in fields(cls):
+            if f.name not in layers.entries:
+                continue
+            e = layers.entries[f.name]
+            loc = where(e.origin, e.section or sec_name, f.name)
+            try:
+                v = values.convert(f.type, e.value)
+            except ValueError as err:
+                layers.problems.append(f"{loc}: {err}")
+                continue
+            problem = check_field(f, v)
+            if problem:
+                layers.problems.append(f"{loc}: {problem}")
+                continue
+            kwargs[f.name] = v
+        sections[sec_name] = cls(**kwargs)
+    return schema.Config(**sections)
+
+
+def check_field(f, v) -> str | None:
+    """Choices, minimums and planned-only keys of one field; a message or None."""
+    meta = f.metadata
+    if v is None:
+        return None
+    if meta.get("choices"):
+        choices = meta["choices"]
+        if str(v).lower() not in [c.lower() for c in choices]:
+            return (f"invalid value {v!r}; expected one of: {', '.join(choices)}"
+                    f"{_suggest(str(v), choices)}")
+    minimum = meta.get("minimum")
+    if minimum is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if v < minimum or (meta.get("exclusive_min") and v == minimum):
+            rel = ">" if meta.get("exclusive_min") else ">="
+            return f"value {v!r} out of range; it must be {rel} {minimum:g}"
+    if meta.get("planned") and v != f.default:
+        return ("is not supported by this version of tomlora yet; remove it from the "
+                "config (see docs/CONFIG.md)")
+    return None
+
+
+def normalise(cfg: schema.Config) -> schema.Config:
+    """Canonical spellings for case-insensitive choices (e.g. `adamw8bit` -> `AdamW8bit`)."""
+    out = {}
+    for sec_name, cls in schema.SECTIONS.items():
+        sec = getattr(cfg, sec_name)
+        changes = {}
+        for f in fields(cls):
+            v = getattr(sec, f.name)
+            for c in f.metadata.get("choices", ()):
+                if isinstance(v, str) and v.lower() == c.lower() and v != c:
+                    changes[f.name] = c
+        out[sec_name] = replace(sec, **changes) if changes else sec
+    return replace(cfg, **out)
+
+
+def accelerate_env_layer(layers: Layers) -> None:
+    """`accelerate launch --mixed_precision=fp16` passes the choice through the environment."""
+    mp = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if mp and "mixed_precision" not in layers.entries:
+        layers.put("mixed_precision", Entry(mp, "accelerate launch --mixed_precision", ""))
+

@@ -1,0 +1,255 @@
+"""The one typed schema of a training run.
+
+One frozen dataclass per section; every field has a type, a default and a docstring (the
+``doc`` metadata). Defaults live here and nowhere else. Derived values are functions in
+``library.config.derived``; the Config is never mutated.
+
+Field metadata keys:
+  doc      what the key means, with its unit
+  aliases  other names accepted for the key (kohya dataset-config or diffusers-script names)
+  choices  the closed set of valid values (checked case-insensitively for strings)
+  planned  the key is known but not implemented yet: setting it to a non-default value is a
+           config error that says so, instead of being silently ignored
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+CONFIG_VERSION = 1
+
+
+def opt(default: Any, doc: str, *, aliases: tuple[str, ...] = (), choices: tuple[str, ...] = (),
+        planned: bool = False, minimum: float | None = None, exclusive_min: bool = False):
+    """A schema field: default plus the metadata the loader, the docs and the CLI read."""
+    meta = {"doc": doc, "aliases": aliases, "choices": choices, "planned": planned,
+            "minimum": minimum, "exclusive_min": exclusive_min}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pretrained_model_name_or_path: str = opt(
+        "", "Base model: a diffusers folder (local path). Required.")
+    vae: Optional[str] = opt(None, "Replacement VAE: a diffusers VAE folder or weights file.")
+    model_family: str = opt("auto", "Model family; `auto` detects it from the model files.",
+                            choices=("auto", "sd15", "sdxl"))
+    model_config_dir: Optional[str] = opt(
+        None, "Diffusers-layout folder whose configs and tokenizers describe a single-file "
+        "checkpoint.", planned=True)
+    tokenizer_dir: Optional[str] = opt(None, "Tokenizer folder for single-file checkpoints.",
+                                       planned=True)
+    allow_pickle: bool = opt(False, "Allow loading `.ckpt` (pickle) checkpoints.", planned=True)
+    v_parameterization: bool = opt(False, "Train with v-prediction targets (SD2.x-v style).")
+    clip_skip: int = opt(1, "Use the output of the N-th text-encoder layer from the end "
+                         "(1 = last layer). SDXL always uses the penultimate layer.", minimum=1)
+    max_token_length: int = opt(75, "Caption length in tokens; 150 and 225 use 75-token "
+                                "chunks.", choices=("75",), planned=True)
+    no_half_vae: bool = opt(False, "Keep the VAE in fp32 under mixed precision.")
+    xformers: bool = opt(False, "Use xformers memory-efficient attention (GPU extra).",
+                         aliases=("enable_xformers_memory_efficient_attention",), planned=True)
+    sdpa: bool = opt(True, "Use torch scaled-dot-product attention (the default).")
+    fp8_base: bool = opt(False, "Store the frozen UNet weights as float8_e4m3fn (GPU).",
+                         planned=True)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    train_data_dir: Optional[str] = opt(
+        None, "Training images: a folder of `N_name class` subfolders (N = repeats), or a "
+        "folder with images and `metadata.csv`/`metadata.jsonl`.")
+    reg_data_dir: Optional[str] = opt(None, "Regularization images, same layout as "
+                                      "train_data_dir.")
+    dataset_config: Optional[str] = opt(None, "kohya dataset TOML ([general]/[[datasets]]).",
+                                        planned=True)
+    resolution: Optional[tuple] = opt(
+        None, "Training resolution as `512`, `\"768,512\"` or `[768, 512]` (width, height); "
+        "default is the model family's native size (512 SD1.5, 1024 SDXL).")
+    train_batch_size: int = opt(1, "Images per step per process.", aliases=("batch_size",),
+                                minimum=1)
+    caption_extension: str = opt(".txt", "Caption file extension beside each image.")
+    caption_column: str = opt("caption", "Caption column of metadata.csv/jsonl.")
+    image_column: str = opt("file_name", "Image file column of metadata.csv/jsonl.")
+    enable_bucket: bool = opt(False, "Aspect-ratio buckets instead of one fixed size.")
+    min_bucket_reso: Optional[int] = opt(None, "Smallest bucket side in pixels (default "
+                                         "resolution/2).", minimum=64)
+    max_bucket_reso: Optional[int] = opt(None, "Largest bucket side in pixels (default "
+                                         "2 x resolution).", minimum=64)
+    bucket_reso_steps: int = opt(64, "Bucket sides are multiples of this (pixels).",
+                                 minimum=8)
+    bucket_no_upscale: bool = opt(False, "Never upscale small images to a bigger bucket.")
+    center_crop: bool = opt(True, "Without buckets: crop the centre (diffusers "
+                            "`--center_crop`).")
+    random_crop: bool = opt(False, "Crop at a random position instead of the centre.")
+    flip_aug: bool = opt(False, "Random horizontal flips.", aliases=("random_flip",))
+    shuffle_caption: bool = opt(False, "Shuffle the comma-separated tags of each caption.")
+    keep_tokens: int = opt(0, "Number of leading tags kept in place when shuffling.",
+                           minimum=0)
+    caption_separator: str = opt(",", "Tag separator for shuffling and dropout.")
+    caption_prefix: str = opt("", "Text put before every caption.")
+    caption_suffix: str = opt("", "Text put after every caption.")
+    caption_dropout_rate: float = opt(0.0, "Probability of training a step with an empty "
+                                      "caption.", minimum=0.0)
+    caption_tag_dropout_rate: float = opt(0.0, "Probability of dropping each tag.",
+                                          minimum=0.0)
+    prior_loss_weight: float = opt(1.0, "Loss weight of regularization images.", minimum=0.0)
+    cache_latents: bool = opt(False, "Encode every image with the VAE once, before "
+                              "training (disables random crop/flip augmentation).")
+    cache_latents_to_disk: bool = opt(False, "Keep the latent cache on disk beside the "
+                                      "images.", planned=True)
+    cache_text_encoder_outputs: bool = opt(False, "Encode every caption once (frozen "
+                                           "text encoders, static captions only).")
+    vae_batch_size: int = opt(1, "Images per VAE call when caching latents.", minimum=1)
+    max_data_loader_n_workers: int = opt(0, "DataLoader worker processes.",
+                                         aliases=("dataloader_num_workers",), minimum=0)
+    skip_bad_images: bool = opt(False, "Skip unreadable or too-small images with a warning "
+                                "instead of stopping.")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    max_train_steps: Optional[int] = opt(None, "Optimizer steps to train (default 1600 when "
+                                         "max_train_epochs is unset).", minimum=1)
+    max_train_epochs: Optional[int] = opt(None, "Epochs to train; overrides max_train_steps.",
+                                          aliases=("num_train_epochs",), minimum=1)
+    mixed_precision: str = opt("no", "Compute precision: no (fp32), fp16 or bf16. On a "
+                               "machine without CUDA, fp16/bf16 fall back to fp32 with a "
+                               "warning.", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save "
+                                       "memory.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", minimum=1)
+    seed: Optional[int] = opt(None, "Random seed; unset picks one and records it.")
+    noise_offset: float = opt(0.0, "Offset noise strength (0 disables).", minimum=0.0)
+    min_snr_gamma: Optional[float] = opt(None, "Min-SNR loss weighting gamma (5 is "
+                                         "typical).", aliases=("snr_gamma",), minimum=0.0,
+                                         exclusive_min=True)
+    dry_run: bool = opt(False, "Check the config and data, print the plan, train nothing.")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    network_module: str = opt("networks.lora", "LoRA implementation.",
+                              choices=("networks.lora",))
+    network_dim: int = opt(4, "LoRA rank.", aliases=("rank",), minimum=1)
+    network_alpha: Optional[float] = opt(
+        None, "LoRA alpha; the update is scaled by alpha/rank. Unset means alpha = rank "
+        "(scale 1, as the diffusers scripts do; kohya's default is 1).", minimum=0.0,
+        exclusive_min=True)
+    network_args: dict = opt({}, "Extra network options, as a table or a list of "
+                             "\"key=value\" strings.")
+    network_dropout: Optional[float] = opt(None, "Dropout on the LoRA down-projection "
+                                           "output.", minimum=0.0)
+    network_weights: Optional[str] = opt(None, "Start from this LoRA file.", planned=True)
+    network_train_unet_only: bool = opt(False, "Train LoRA on the UNet only.")
+    network_train_text_encoder_only: bool = opt(False, "Train LoRA on the text encoder(s) "
+                                                "only.")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    optimizer_type: str = opt("AdamW", "Optimizer name.",
+                              choices=("AdamW", "AdamW8bit"))
+    optimizer_args: dict = opt({}, "Extra optimizer arguments, as a table or a list of "
+                               "\"key=value\" strings.")
+    learning_rate: float = opt(1e-4, "Base learning rate.", minimum=0.0, exclusive_min=True)
+    unet_lr: Optional[float] = opt(None, "UNet LoRA learning rate (default learning_rate).",
+                                   minimum=0.0)
+    text_encoder_lr: Optional[float] = opt(None, "Text-encoder LoRA learning rate (default "
+                                           "learning_rate).", minimum=0.0)
+    lr_scheduler: str = opt("constant", "Learning-rate schedule.",
+                            choices=("constant", "constant_with_warmup", "linear", "cosine",
+                                     "cosine_with_restarts", "polynomial"))
+    lr_warmup_steps: float = opt(0, "Warmup steps; a value below 1 is a fraction of the "
+                                 "total steps.", minimum=0.0)
+    lr_scheduler_num_cycles: int = opt(1, "Restarts of cosine_with_restarts.", minimum=1)
+    lr_scheduler_power: float = opt(1.0, "Power of the polynomial schedule.")
+    max_grad_norm: float = opt(1.0, "Clip the LoRA gradient norm to this (0 disables).",
+                               minimum=0.0)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sample_every_n_steps: Optional[int] = opt(None, "Write sample images every N steps.",
+                                              minimum=1, planned=True)
+    sample_every_n_epochs: Optional[int] = opt(None, "Write sample images every N epochs.",
+                                               minimum=1, planned=True)
+    sample_at_first: bool = opt(False, "Also sample before training.", planned=True)
+    sample_prompts: Optional[str] = opt(None, "Prompt file (.txt with kohya options, .toml "
+                                        "or .json).")
+    sample_sampler: str = opt("ddim", "Sampler for sample images.")
+    validation_prompt: Optional[str] = opt(None, "One prompt to sample (diffusers-script "
+                                           "flag).", planned=True)
+    num_validation_images: int = opt(4, "Images per validation prompt.", minimum=1)
+    validation_epochs: Optional[int] = opt(None, "Sample the validation prompt every N "
+                                           "epochs.", minimum=1, planned=True)
+
+
+@dataclass(frozen=True)
+class SavingConfig:
+    output_dir: str = opt("./output", "Folder for the LoRA, states and samples.")
+    output_name: str = opt("last", "File name stem of the LoRA.")
+    save_model_as: str = opt("safetensors", "`safetensors` (kohya format) or `diffusers` "
+                             "(pytorch_lora_weights.safetensors, peft layout).",
+                             choices=("safetensors", "diffusers"))
+    save_precision: str = opt("fp16", "dtype of the saved LoRA tensors.",
+                              choices=("fp16", "bf16", "float", "fp32"))
+    save_every_n_steps: Optional[int] = opt(None, "Save an intermediate LoRA every N steps.",
+                                            aliases=("checkpointing_steps",), minimum=1)
+    save_every_n_epochs: Optional[int] = opt(None, "Save an intermediate LoRA every N "
+                                             "epochs.", minimum=1)
+    save_state: bool = opt(False, "Also save optimizer/scheduler/RNG state for resume.",
+                           planned=True)
+    resume: Optional[str] = opt(None, "Resume from this state folder.",
+                                aliases=("resume_from_checkpoint",), planned=True)
+    overwrite: bool = opt(False, "Allow replacing existing outputs of the same name.")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    logging_dir: Optional[str] = opt(None, "TensorBoard log folder (default "
+                                     "<output_dir>/logs).")
+    log_with: str = opt("tensorboard", "Logger.", aliases=("report_to",),
+                        choices=("tensorboard",))
+    log_prefix: Optional[str] = opt(None, "Prefix of the TensorBoard run name.")
+    log_tracker_name: Optional[str] = opt(None, "Run name (default output_name + time).")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    saving: SavingConfig = field(default_factory=SavingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    config_version: int = CONFIG_VERSION
+
+
+# Section name -> dataclass, in the order the docs list them.
+SECTIONS: dict[str, type] = {"model": ModelConfig, "dataset": DatasetConfig, "training": TrainingConfig,
+            "lora": LoraConfig, "optimizer": OptimizerConfig, "sample": SampleConfig,
+            "saving": SavingConfig, "logging": LoggingConfig}
+
+# kohya's section names (and a few from other trainers) accepted as aliases.
+SECTION_ALIASES = {
+    "model_arguments": "model", "dataset_arguments": "dataset",
+    "training_arguments": "training", "lora_arguments": "lora",
+    "network_arguments": "lora", "optimizer_arguments": "optimizer",
+    "sample_arguments": "sample", "saving_arguments": "saving",
+    "logging_arguments": "logging", "sample_prompt_arguments": "sample",
+}
+
+
+def key_homes() -> dict[str, tuple[str, Any]]:
+    """Every key (and alias) -> (home section, dataclass field)."""
+    homes: dict[str, tuple[str, Any]] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            homes[f.name] = (section, f)
+            for alias in f.metadata.get("aliases", ()):
+                homes[alias] = (section, f)
+    return homes

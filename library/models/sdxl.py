@@ -1,0 +1,54 @@
+"""SDXL: CLIP-L + OpenCLIP bigG penultimate states concatenated, pooled bigG embedding and the
+size/crop micro-conditioning (original size, crop top-left, target size) as time ids."""
+from __future__ import annotations
+
+import torch
+
+from library.models.family import Components, tokenize
+from networks import formats
+
+
+class SDXL:
+    name = "sdxl"
+    native_resolution = 1024
+    te_prefixes = ("lora_te1", "lora_te2")
+    base_model_version = "sdxl_base_v1-0"
+    modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    pipeline_class = "StableDiffusionXLPipeline"
+
+    def encode_prompts(self, c: Components, captions: list[str], clip_skip: int = 1):
+        # SDXL was trained on the penultimate layer; clip_skip=k moves k-1 layers further.
+        layer = -(max(clip_skip, 1) + 1)
+        hidden = []
+        pooled = None
+        for te, tok in zip(c.text_encoders, c.tokenizers):
+            ids = tokenize(tok, captions).to(te.device)
+            out = te(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[layer])
+            if hasattr(out, "text_embeds"):
+                pooled = out.text_embeds
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "pooled": pooled}
+
+    def unet_inputs(self, conditioning, batch):
+        pooled = conditioning["pooled"]
+        time_ids = time_ids_for(batch["original_size"], batch["crop_top_left"],
+                                batch["target_size"]).to(pooled.device, pooled.dtype)
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    def unet_lora_name(self, module_path: str, unet_config: dict) -> str:
+        return formats.unet_module_to_kohya(module_path, self.name, unet_config)
+
+    def pipeline(self, c: Components):
+        from diffusers import StableDiffusionXLPipeline
+        return StableDiffusionXLPipeline(
+            vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
+            tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=c.unet,
+            scheduler=c.noise_scheduler, force_zeros_for_empty_prompt=True)
+
+
+def time_ids_for(original_size, crop_top_left, target_size) -> torch.Tensor:
+    """[B, 6] = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample; each
+    argument is a [B, 2] tensor (or list of pairs) in (height, width) / (top, left) order."""
+    parts = [torch.as_tensor(x, dtype=torch.float32).reshape(-1, 2)
+             for x in (original_size, crop_top_left, target_size)]
+    return torch.cat(parts, dim=1)

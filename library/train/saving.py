@@ -1,0 +1,82 @@
+"""What goes into a saved LoRA: tensors in the requested layout and precision, plus metadata
+(kohya's ss_* keys, sai modelspec, our resolved config)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from networks import formats
+from networks.kohya_file import write_lora
+from networks.lora import LoRANetwork
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32,
+               "fp32": torch.float32}
+
+
+def config_json(cfg) -> str:
+    return json.dumps(asdict(cfg), default=list, sort_keys=True)
+
+
+def build_metadata(cfg, family, *, steps: int, epoch: int, num_images: int,
+                   resolution: tuple[int, int], tag_frequency: dict, bucket_info: dict,
+                   seed: int, title: str) -> dict[str, str]:
+    lo, opt = cfg.lora, cfg.optimizer
+    alpha = lo.network_alpha if lo.network_alpha is not None else lo.network_dim
+    meta = {
+        "ss_network_module": lo.network_module,
+        "ss_network_dim": lo.network_dim,
+        "ss_network_alpha": alpha,
+        "ss_network_args": json.dumps(lo.network_args),
+        "ss_base_model_version": family.base_model_version,
+        "ss_sd_model_name": Path(cfg.model.pretrained_model_name_or_path).name,
+        "ss_resolution": f"({resolution[0]}, {resolution[1]})",
+        "ss_num_train_images": num_images,
+        "ss_steps": steps,
+        "ss_epoch": epoch,
+        "ss_learning_rate": opt.learning_rate,
+        "ss_unet_lr": opt.unet_lr if opt.unet_lr is not None else opt.learning_rate,
+        "ss_text_encoder_lr": opt.text_encoder_lr if opt.text_encoder_lr is not None
+        else opt.learning_rate,
+        "ss_lr_scheduler": opt.lr_scheduler,
+        "ss_optimizer": opt.optimizer_type,
+        "ss_max_train_steps": steps,
+        "ss_train_batch_size": cfg.dataset.train_batch_size,
+        "ss_gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
+        "ss_mixed_precision": cfg.training.mixed_precision,
+        "ss_clip_skip": cfg.model.clip_skip,
+        "ss_noise_offset": cfg.training.noise_offset,
+        "ss_min_snr_gamma": cfg.training.min_snr_gamma,
+        "ss_seed": seed,
+        "ss_v2": False,
+        "ss_network_train_unet_only": lo.network_train_unet_only,
+        "ss_network_train_text_encoder_only": lo.network_train_text_encoder_only,
+        "ss_output_name": cfg.saving.output_name,
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_bucket_info": json.dumps(bucket_info),
+        "ss_prior_loss_weight": cfg.dataset.prior_loss_weight,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if family.name == "sdxl" else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+        "modelspec.date": dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if cfg.model.v_parameterization else "epsilon",
+        "tomlora_config": config_json(cfg),
+    }
+    return {k: ("None" if v is None else str(v)) for k, v in meta.items()}
+
+
+def save_lora(network: LoRANetwork, path: Path, *, precision: str, layout: str, family: str,
+              unet_config: dict, metadata: dict[str, str]) -> Path:
+    """Write the LoRA; `layout` "safetensors" = kohya keys, "diffusers" = peft keys."""
+    tensors = network.kohya_state_dict(SAVE_DTYPES[precision])
+    if layout == "diffusers":
+        tensors, _ = formats.kohya_to_peft(tensors, family, unet_config)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+    write_lora(path, tensors, metadata)
+    return path

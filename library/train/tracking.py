@@ -1,0 +1,50 @@
+"""TensorBoard logging and the running loss average shown in the progress bar."""
+from __future__ import annotations
+
+import datetime as dt
+from collections import deque
+from pathlib import Path
+
+
+class LossAverage:
+    """Mean of the last `window` step losses (kohya shows the mean over one epoch)."""
+
+    def __init__(self, window: int):
+        self.values: deque[float] = deque(maxlen=max(1, window))
+
+    def add(self, v: float) -> float:
+        self.values.append(v)
+        return self.mean
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else float("nan")
+
+
+def run_dir(logging_dir: str, output_name: str, prefix: str | None, name: str | None) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(logging_dir) / (name or f"{prefix or ''}{output_name}_{stamp}")
+
+
+class Tracker:
+    """TensorBoard writer on the main process; a no-op elsewhere."""
+
+    def __init__(self, directory: Path | None, config_text: str = ""):
+        self.writer = None
+        self.directory = directory
+        if directory is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            directory.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(directory))
+            if config_text:
+                self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.flush()
+            self.writer.close()
