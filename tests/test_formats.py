@@ -186,9 +186,7 @@ def test_unknown_family_raises():
         F.unet_module_to_kohya("conv_in", "sd21", SD15)
 
 
-# ---------------------------------------------------------------------------------------------
-# Full-size module trees (meta tensors, no memory)
-# ---------------------------------------------------------------------------------------------
+# --- Full-size module trees (meta tensors, no memory) ---
 
 
 def _targets(unet, locon: bool) -> dict[str, torch.nn.Module]:
@@ -245,9 +243,7 @@ def test_layers_per_block_1_tree_inverts():
     assert [F.kohya_to_unet_module(k, "sdxl", cfg) for k in keys] == paths
 
 
-# ---------------------------------------------------------------------------------------------
-# Block index (sd-scripts networks/lora.py get_block_index)
-# ---------------------------------------------------------------------------------------------
+# --- Block index (sd-scripts networks/lora.py get_block_index) ---
 
 
 def _expected_block_sd15(path: str) -> int:
@@ -263,11 +259,12 @@ def _expected_block_sd15(path: str) -> int:
 def _expected_block_sdxl(key: str) -> int:
     # BASE = 0, IN00..IN08 = 1..9, MID 0..2 = 10..12, OUT00..OUT08 = 13..21, OUT = 22.
     name = key[len("lora_unet_") :]
-    n = int(re.search(r"\d+", name).group()) if re.search(r"\d+", name) else 0
-    for head, base in (("time_embed", 0), ("label_emb", 0), ("input_blocks", 1), ("middle_block", 10), ("output_blocks", 13), ("out", 22)):
-        if name.startswith(head + "_"):
-            return base if base in (0, 22) else base + n
-    return -1
+    if name.startswith(("time_embed_", "label_emb_")):
+        return 0
+    if name.startswith("out_"):
+        return 22
+    head, n = re.match(r"(input_blocks|middle_block|output_blocks)_(\d+)", name).groups()
+    return {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}[head] + int(n)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -285,40 +282,27 @@ def test_block_index_matches_kohya(full_unets, family):
     assert used == (set(range(1, 25)) if family == "sd15" else set(range(2, 22)))
 
 
-@pytest.mark.parametrize(
-    "family,cfg,path,idx",
-    [
-        ("sd15", SD15, "down_blocks.0.attentions.0.proj_in", 1),
-        ("sd15", SD15, "down_blocks.0.downsamplers.0.conv", 3),
-        ("sd15", SD15, "mid_block.resnets.1.conv1", 12),
-        ("sd15", SD15, "up_blocks.0.upsamplers.0.conv", 15),
-        ("sd15", SD15, "up_blocks.3.attentions.2.proj_out", 24),
-        ("sd15", SD15, "conv_in", -1),
-        ("sd15", SD15, "lora_te_text_model_encoder_layers_0_mlp_fc1", -1),
-        ("sdxl", SDXL, "time_embedding.linear_1", 0),
-        ("sdxl", SDXL, "down_blocks.1.attentions.0.proj_in", 5),
-        ("sdxl", SDXL, "mid_block.attentions.0.proj_in", 11),
-        ("sdxl", SDXL, "up_blocks.0.upsamplers.0.conv", 15),
-        ("sdxl", SDXL, "up_blocks.2.resnets.2.conv2", 21),
-        ("sdxl", SDXL, "conv_out", 22),
-        ("sdxl", SDXL, "not.a.module", -1),
-    ],
-)
-def test_block_index_examples(family, cfg, path, idx):
-    assert F.lora_block_index(path, family, cfg) == idx
+BLOCK_EXAMPLES = {
+    "sd15": {"down_blocks.0.attentions.0.proj_in": 1, "down_blocks.0.downsamplers.0.conv": 3,
+             "mid_block.resnets.1.conv1": 12, "up_blocks.0.upsamplers.0.conv": 15,
+             "up_blocks.3.attentions.2.proj_out": 24, "conv_in": -1,
+             "lora_te_text_model_encoder_layers_0_mlp_fc1": -1},
+    "sdxl": {"time_embedding.linear_1": 0, "down_blocks.1.attentions.0.proj_in": 5,
+             "mid_block.attentions.0.proj_in": 11, "up_blocks.0.upsamplers.0.conv": 15,
+             "up_blocks.2.resnets.2.conv2": 21, "conv_out": 22, "not.a.module": -1},
+}  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------
-# Text encoders
-# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,path,idx", [(f, p, i) for f, d in BLOCK_EXAMPLES.items() for p, i in d.items()])
+def test_block_index_examples(family, path, idx):
+    assert F.lora_block_index(path, family, SD15 if family == "sd15" else SDXL) == idx
+
+
+# --- Text encoders ---
 
 CLIP_L = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-CLIP_G = CLIPTextConfig(
-    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280
-)
-CLIP_TINY = CLIPTextConfig(
-    hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
-)
+CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20)
+CLIP_TINY = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
 
 
 def _te_targets(te) -> list[str]:
@@ -365,9 +349,7 @@ def test_text_encoder_live_paths_and_forms():
         F.te_module_path_to_kohya("text_model.embeddings.token_embedding", "lora_te")
 
 
-# ---------------------------------------------------------------------------------------------
-# kohya <-> peft
-# ---------------------------------------------------------------------------------------------
+# --- kohya <-> peft ---
 
 
 def _random_kohya(modules: dict[str, torch.nn.Module], names: dict[str, str], rank: int, alpha: float | None, gen):
@@ -386,15 +368,14 @@ def _random_kohya(modules: dict[str, torch.nn.Module], names: dict[str, str], ra
     return sd
 
 
-def _deltas(sd: dict, fmt: str) -> dict[str, torch.Tensor]:
-    down_s, up_s = (".lora_down.weight", ".lora_up.weight") if fmt == "kohya" else (".lora_A.weight", ".lora_B.weight")
+def _deltas(sd: dict) -> dict[str, torch.Tensor]:
+    """Effective delta alpha/rank * up @ down per kohya module (alpha missing: rank)."""
     out = {}
     for key, down in sd.items():
-        if key.endswith(down_s):
-            stem = key[: -len(down_s)]
-            up, r = sd[stem + up_s], down.shape[0]
-            scale = float(sd[stem + ".alpha"]) / r if fmt == "kohya" and stem + ".alpha" in sd else 1.0
-            out[stem] = scale * (up.flatten(1) @ down.flatten(1))
+        if key.endswith(".lora_down.weight"):
+            stem, r = key[: -len(".lora_down.weight")], down.shape[0]
+            scale = float(sd.get(stem + ".alpha", r)) / r
+            out[stem] = scale * (sd[stem + ".lora_up.weight"].flatten(1) @ down.flatten(1))
     return out
 
 
@@ -430,7 +411,7 @@ def test_round_trips(tiny, family, alpha):
     assert set(alphas.values()) == {alpha if alpha is not None else float(rank)}
     assert all(k.startswith(("unet.", "text_encoder.text_model.", "text_encoder_2.text_model.")) for k in peft)
     back = F.peft_to_kohya(peft, family, unet.config)
-    kd, bd = _deltas(kohya, "kohya"), _deltas(back, "kohya")
+    kd, bd = _deltas(kohya), _deltas(back)
     assert kd.keys() == bd.keys()
     for stem in kd:
         torch.testing.assert_close(bd[stem], kd[stem], rtol=1e-5, atol=1e-5)
@@ -453,7 +434,7 @@ def test_peft_to_kohya_with_alpha_keeps_delta(tiny):
     peft, _ = F.kohya_to_peft(kohya, "sd15", unet.config)
     out = F.peft_to_kohya(peft, "sd15", unet.config, alpha=1.0)
     assert {float(v) for k, v in out.items() if k.endswith(".alpha")} == {1.0}
-    kd, od = _deltas(kohya, "kohya"), _deltas(out, "kohya")  # kohya had no alpha: scale 1
+    kd, od = _deltas(kohya), _deltas(out)  # kohya had no alpha: scale 1
     assert kd.keys() == od.keys()
     for stem, delta in kd.items():
         torch.testing.assert_close(od[stem], delta, rtol=1e-5, atol=1e-5)
@@ -461,24 +442,26 @@ def test_peft_to_kohya_with_alpha_keeps_delta(tiny):
         F.peft_to_kohya(peft, "sd15", unet.config, alpha=0.0)
 
 
+def _pair(stem: str) -> dict[str, torch.Tensor]:
+    return {f"{stem}.lora_down.weight": torch.zeros(4, 32), f"{stem}.lora_up.weight": torch.zeros(37, 4)}
+
+
 @pytest.mark.parametrize(
-    "bad",
+    "family,bad",
     [
-        {"lora_unet_conv_in.dora_scale": torch.zeros(1)},
-        {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32, 1, 1)},
-        {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32),
-         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(37, 4)},  # te1 on sd15
-        {"foo.lora_down.weight": torch.zeros(4, 32), "foo.lora_up.weight": torch.zeros(37, 4)},
+        ("sd15", {"lora_unet_conv_in.dora_scale": torch.zeros(1)}),
+        ("sd15", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32, 1, 1)}),
+        ("sd15", _pair("lora_te1_text_model_encoder_layers_0_mlp_fc1")),  # te1 on SD1.5
+        ("sdxl", _pair("lora_te_text_model_encoder_layers_0_mlp_fc1")),  # lora_te_ on SDXL
+        ("sd15", _pair("foo")),
     ],
 )
-def test_kohya_to_peft_rejects(bad):
+def test_kohya_to_peft_rejects(family, bad):
     with pytest.raises(ValueError):
-        F.kohya_to_peft(bad, "sd15", SD15_TINY)
+        F.kohya_to_peft(bad, family, SD15_TINY if family == "sd15" else SDXL_TINY)
 
 
-# ---------------------------------------------------------------------------------------------
-# diffusers accepts what kohya_to_peft writes
-# ---------------------------------------------------------------------------------------------
+# --- diffusers accepts what kohya_to_peft writes ---
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -499,10 +482,10 @@ def test_diffusers_loads_peft_layout(family, locon):
         torch.testing.assert_close(layer.get_delta_weight("t").flatten(1), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls,prefix,component", [
-    (CLIPTextModel, "lora_te1", "text_encoder"),
-    (CLIPTextModelWithProjection, "lora_te2", "text_encoder_2"),
-])
+@pytest.mark.parametrize(
+    "cls,prefix,component",
+    [(CLIPTextModel, "lora_te1", "text_encoder"), (CLIPTextModelWithProjection, "lora_te2", "text_encoder_2")],
+)
 def test_diffusers_loads_text_encoder_peft_layout(cls, prefix, component):
     te = cls(CLIP_TINY)
     paths = _te_targets(te)
