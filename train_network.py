@@ -25,10 +25,10 @@ from library.data.doctor import check_images, describe_plan
 from library.data.sources import scan_sources
 from library.models.loading import ModelLoadError, detect_family, load_components, \
     resolve_model_dir
-from library.train import noise as N
 from library.train.optimizers import make_optimizer
 from library.train.saving import build_metadata, save_lora
 from library.train.schedulers import make_scheduler, warmup_steps
+from library.train.step import LossSettings, diffusion_loss
 from library.train.tracking import LossAverage, Tracker, run_dir
 from networks.lora import LoRANetwork
 from networks.targets import RankSpec, find_targets
@@ -197,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     tracker = Tracker(run_dir(logging_dir, cfg.saving.output_name, cfg.logging.log_prefix,
                               cfg.logging.log_tracker_name) if accelerator.is_main_process
                       else None, config_to_toml(cfg))
-    sched = c.noise_scheduler
-    v_pred = cfg.model.v_parameterization
-    alphas_cumprod = sched.alphas_cumprod.to(device)
+    loss_settings = LossSettings.from_config(cfg)
     loss_avg = LossAverage(steps_per_epoch)
     paths["dir"].mkdir(parents=True, exist_ok=True)
     write_config_toml(cfg, paths["config"])
@@ -228,22 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                     with torch.no_grad():
                         latents = batch["latents"].to(device) if "latents" in batch else \
                             encode_latents(batch["pixels"])
-                    latents = latents.to(weight_dtype)
                     with torch.set_grad_enabled(train_te):
                         cond = conditioning(batch["captions"])
-                    noise = N.make_noise(latents, cfg.training.noise_offset)
-                    t = N.sample_timesteps(latents.shape[0], sched.config.num_train_timesteps,
-                                           device)
-                    noisy = sched.add_noise(latents, noise, t)
-                    with accelerator.autocast():
-                        pred = c.unet(noisy, t, cond["encoder_hidden_states"].to(weight_dtype),
-                                      **family.unet_inputs(cond, batch)).sample
-                    target = N.training_target(sched, latents, noise, t, v_pred)
-                    weight = batch["loss_weight"].to(device)
-                    if cfg.training.min_snr_gamma:
-                        weight = weight * N.min_snr_weight(alphas_cumprod, t,
-                                                           cfg.training.min_snr_gamma, v_pred)
-                    loss = (N.per_sample_loss(pred, target) * weight).mean()
+                    loss = diffusion_loss(c.unet, family, c.noise_scheduler, latents, cond,
+                                          batch, loss_settings, weight_dtype=weight_dtype,
+                                          autocast=accelerator.autocast)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.optimizer.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)

@@ -22,7 +22,9 @@ import torch
 
 FAMILIES = ("sd15", "sdxl")
 TE_PREFIXES = ("lora_te", "lora_te1", "lora_te2")
-TE_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+TE_PROJECTIONS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2",
+)  # fmt: skip
 UNET_PREFIX = "lora_unet_"
 
 # diffusers ResnetBlock2D child -> LDM ResBlock child. LDM keeps norm, activation and conv in
@@ -142,7 +144,8 @@ def _build_table(frozen: tuple) -> _Table:
         for j in range(down_layers[i]):
             add(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{idx}.0", "resnet", 0, idx, 1 + idx)
             if _DOWN_TYPES[down_types[i]]:
-                add(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{idx}.1", "attention", down_depth[i][j], idx, 1 + idx)
+                depth = down_depth[i][j]
+                add(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{idx}.1", "attention", depth, idx, 1 + idx)
             idx += 1
         if i < n - 1:
             add(f"down_blocks.{i}.downsamplers.0", f"input_blocks.{idx}.0", "downsampler", 0, idx, 1 + idx)
@@ -187,8 +190,8 @@ def _underscore_to_dotted(rest: str) -> str:
 
 
 _RE_UNIT = re.compile(
-    r"^((?:down|up)_blocks\.\d+\.(?:resnets|attentions|downsamplers|upsamplers)\.\d+|mid_block\.(?:resnets|attentions)\.\d+)"
-    r"(?:\.(.+))?$"
+    r"^((?:down|up)_blocks\.\d+\.(?:resnets|attentions|downsamplers|upsamplers)\.\d+"
+    r"|mid_block\.(?:resnets|attentions)\.\d+)(?:\.(.+))?$"
 )
 
 
@@ -246,8 +249,8 @@ def unet_module_to_kohya(module_path: str, family: str, unet_config: Mapping) ->
 
 
 _RE_KEY_SD15 = re.compile(
-    r"^((?:down|up)_blocks_\d+_(?:resnets|attentions|downsamplers|upsamplers)_\d+|mid_block_(?:resnets|attentions)_\d+)"
-    r"(?:_(.+))?$"
+    r"^((?:down|up)_blocks_\d+_(?:resnets|attentions|downsamplers|upsamplers)_\d+"
+    r"|mid_block_(?:resnets|attentions)_\d+)(?:_(.+))?$"
 )
 _RE_KEY_LDM = re.compile(r"^((?:input|output)_blocks_\d+_\d+|middle_block_\d+)(?:_(.+))?$")
 
@@ -287,7 +290,9 @@ def kohya_to_unet_module(key_stem: str, family: str, unet_config: Mapping) -> st
     raise ValueError(f"cannot map {family} LoRA key {key_stem!r} to a module of this UNet config")
 
 
-_RE_TE_PATH = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])$")
+_RE_TE_PATH = re.compile(
+    r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])$"
+)
 _RE_TE_KEY = re.compile(
     r"^(lora_te[12]?)_(?:text_model_)?encoder_layers_(\d+)_(self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])$"
 )
@@ -328,7 +333,6 @@ def kohya_to_te_module(key_stem: str) -> tuple[str, int, str]:
         raise ValueError(f"cannot map text-encoder LoRA key {key_stem!r}")
     proj = m.group(3).replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
     return m.group(1), int(m.group(2)), proj
-
 
 
 _KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -385,6 +389,8 @@ def kohya_to_peft(
         down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
         rank = down.shape[0]
         alpha = float(parts[".alpha"].item()) if ".alpha" in parts else float(rank)
+        if not alpha > 0:  # kohya reads 0 as "alpha = rank", A1111/ComfyUI/diffusers as scale 0
+            raise ValueError(f"LoRA module {stem!r} has alpha {alpha}: ambiguous, expected > 0")
         if stem.startswith(UNET_PREFIX):
             module = "unet." + kohya_to_unet_module(stem, family, unet_config)
         elif stem.startswith("lora_te"):

@@ -62,6 +62,7 @@ class LoRAModule(nn.Module):
         self.lora_up.float()
         # The base module is referenced, not registered: its weights are not ours to save.
         self._base = [base]
+        self._attached = False
         self._saved_forward = None
         self._merged_backup: torch.Tensor | None = None
 
@@ -71,21 +72,31 @@ class LoRAModule(nn.Module):
 
     # ---- attach / detach -------------------------------------------------------------
     def attach(self) -> None:
-        base = self.base
-        if self._saved_forward is not None:
+        """Route the base module's forward through this LoRA; idempotent.
+
+        An explicit flag (not `_saved_forward`, which is None for a base that uses its class
+        forward) guards re-entry: attaching twice would otherwise wrap our own forward and
+        recurse forever.
+        """
+        if self._attached:
             return
+        base = self.base
         self._saved_forward = base.__dict__.get("forward")  # None: the class method
         self._base_forward = base.forward
         base.forward = self.forward
+        self._attached = True
 
     def detach(self) -> None:
-        if self._saved_forward is None and "forward" not in self.base.__dict__:
+        """Restore the forward the base had before attach; a no-op when not attached (an
+        instance forward someone else installed is left alone)."""
+        if not self._attached:
             return
         if self._saved_forward is None:
-            del self.base.forward
+            self.base.__dict__.pop("forward", None)
         else:
             self.base.forward = self._saved_forward
         self._saved_forward = None
+        self._attached = False
 
     # ---- math --------------------------------------------------------------------------
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +214,11 @@ class LoRANetwork(nn.Module):
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor], source: str = "state dict",
                               strict: bool = True) -> None:
-        """Load kohya keys; names missing / unexpected keys and shape mismatches."""
+        """Load kohya keys; names missing / unexpected keys and shape mismatches.
+
+        Everything is validated before anything is copied. A missing `.alpha` is allowed and
+        means alpha = rank (scale 1).
+        """
         expected = {}
         for name, m in self.loras.items():
             expected[f"{name}.lora_down.weight"] = m.lora_down.weight
@@ -227,5 +242,10 @@ class LoRANetwork(nn.Module):
             for k, p in expected.items():
                 if k in sd:
                     p.copy_(sd[k].to(p.dtype))
+            # A module loaded from a file without its alpha has scale 1, as every other
+            # loader reads that file (LORA_FORMAT.md), not the alpha this network was built with.
+            for name, m in self.loras.items():
+                if f"{name}.lora_down.weight" in sd and f"{name}.alpha" not in sd:
+                    m.alpha.fill_(m.rank)
         for m in self:
             m.scale = float(m.alpha) / m.rank

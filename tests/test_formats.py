@@ -160,9 +160,8 @@ def test_golden_unet_keys(family, cfg, path, key):
     ],
 )
 def test_unmappable_paths_raise(family, path):
-    cfg = SDXL if family == "sdxl" else SD15
     with pytest.raises(ValueError, match=re.escape(repr(path))):
-        F.unet_module_to_kohya(path, family, cfg)
+        F.unet_module_to_kohya(path, family, SDXL if family == "sdxl" else SD15)
 
 
 @pytest.mark.parametrize(
@@ -209,8 +208,7 @@ def full_unets():
 
 @pytest.mark.parametrize("family,n_attn,n_locon", [("sd15", 192, 278), ("sdxl", 722, 788)])
 def test_full_size_targets(full_unets, family, n_attn, n_locon):
-    unet = full_unets[family]
-    cfg = unet.config
+    unet, cfg = full_unets[family], full_unets[family].config
     assert len(_targets(unet, locon=False)) == n_attn
     targets = _targets(unet, locon=True)
     assert len(targets) == n_locon
@@ -269,8 +267,7 @@ def _expected_block_sdxl(key: str) -> int:
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_block_index_matches_kohya(full_unets, family):
-    unet = full_unets[family]
-    cfg = unet.config
+    unet, cfg = full_unets[family], full_unets[family].config
     assert F.lora_block_count(family, cfg) == (25 if family == "sd15" else 23)
     paths = [n for n, m in unet.named_modules() if n and next(m.parameters(recurse=False), None) is not None]
     for path in paths:
@@ -341,7 +338,8 @@ def test_text_encoder_live_paths_and_forms():
     assert F.te_module_path_to_kohya("encoder.layers.3.self_attn.q_proj", "lora_te1") == want
     assert F.te_module_path_to_kohya("text_model.encoder.layers.3.self_attn.q_proj", "lora_te1") == want
     assert F.te_module_to_kohya(11, "mlp.fc2", "lora_te") == "lora_te_text_model_encoder_layers_11_mlp_fc2"
-    assert F.kohya_to_te_module("lora_te2_encoder_layers_5_self_attn_out_proj.alpha") == ("lora_te2", 5, "self_attn.out_proj")
+    got = F.kohya_to_te_module("lora_te2_encoder_layers_5_self_attn_out_proj.alpha")
+    assert got == ("lora_te2", 5, "self_attn.out_proj")
     for bad in [(0, "self_attn.qkv", "lora_te"), (0, "mlp.fc1", "lora_te3"), (-1, "mlp.fc1", "lora_te")]:
         with pytest.raises(ValueError):
             F.te_module_to_kohya(*bad)
@@ -381,7 +379,6 @@ def _deltas(sd: dict) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
     return {
         "sdxl": (UNet2DConditionModel(**SDXL_TINY), CLIPTextModel(CLIP_TINY), CLIPTextModelWithProjection(CLIP_TINY)),
         "sd15": (UNet2DConditionModel(**SD15_TINY), CLIPTextModel(CLIP_TINY), None),
@@ -454,6 +451,7 @@ def _pair(stem: str) -> dict[str, torch.Tensor]:
         ("sd15", _pair("lora_te1_text_model_encoder_layers_0_mlp_fc1")),  # te1 on SD1.5
         ("sdxl", _pair("lora_te_text_model_encoder_layers_0_mlp_fc1")),  # lora_te_ on SDXL
         ("sd15", _pair("foo")),
+        ("sd15", {**_pair("lora_unet_conv_in"), "lora_unet_conv_in.alpha": torch.tensor(0.0)}),
     ],
 )
 def test_kohya_to_peft_rejects(family, bad):
