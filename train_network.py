@@ -26,6 +26,7 @@ from library.data.sources import scan_sources
 from library.models.loading import ModelLoadError, detect_family, load_components, \
     resolve_model_dir
 from library.train.optimizers import make_optimizer
+from library.train.sampling import Sampler, sample_prompts
 from library.train.saving import build_metadata, save_lora
 from library.train.schedulers import make_scheduler, warmup_steps
 from library.train.step import LossSettings, diffusion_loss
@@ -110,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     epochs = cfg.training.max_train_epochs
     total_steps = epochs * steps_per_epoch if epochs else (cfg.training.max_train_steps or 1600)
     print(describe_plan(scan, dataset, steps_per_epoch, total_steps, accum))
+    try:  # sample prompt files are checked before any model loads (docs/SAMPLING.md)
+        prompts = sample_prompts(cfg, family.native_resolution, seed)
+    except ValueError as e:
+        return fail("Sample prompt error", [str(e)])
     if cfg.training.dry_run:
         return 0
     paths = output_paths(cfg)
@@ -201,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     loss_avg = LossAverage(steps_per_epoch)
     paths["dir"].mkdir(parents=True, exist_ok=True)
     write_config_toml(cfg, paths["config"])
+    sampler = Sampler(c, family, network, cfg, paths["dir"], tracker, device, weight_dtype,
+                      seed, prompts)
 
     def save(path: Path, step: int, epoch: int) -> None:
         if not accelerator.is_main_process:
@@ -217,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(total=total_steps, desc="steps", disable=not accelerator.is_main_process)
     global_step, epoch, started = 0, 0, time.time()
     try:
+        sampler.maybe_sample(0, 0, first=True)
         while global_step < total_steps:
             slot = 0
             for batch_indices in dataset.batches(epoch):
@@ -254,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                                 global_step)
                 progress.set_postfix(loss=f"{average:.4f}", lr=f"{next(iter(lrs.values())):.2e}")
                 progress.update(1)
+                sampler.maybe_sample(global_step, epoch + 1)
                 every = cfg.saving.save_every_n_steps
                 if every and global_step % every == 0 and global_step < total_steps:
                     save(paths["dir"] / f"{cfg.saving.output_name}-step{global_step:08d}"
@@ -262,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
             epoch += 1
             tracker.scalars({"loss/epoch": loss_avg.mean}, epoch)
+            sampler.maybe_sample(global_step, epoch, epoch_end=True)
             every = cfg.saving.save_every_n_epochs
             if every and epoch % every == 0 and global_step < total_steps:
                 save(paths["dir"] / f"{cfg.saving.output_name}-{epoch:06d}.safetensors",

@@ -462,8 +462,7 @@ def test_kohya_to_peft_rejects(family, bad):
 # --- diffusers accepts what kohya_to_peft writes ---
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-@pytest.mark.parametrize("locon", [False, True])
+@pytest.mark.parametrize("family,locon", [("sd15", False), ("sdxl", False), ("sdxl", True)])
 def test_diffusers_loads_peft_layout(family, locon):
     cfg = SDXL_TINY if family == "sdxl" else SD15_TINY
     unet = UNet2DConditionModel(**cfg)

@@ -37,8 +37,10 @@ def load_config(argv: list[str], *, check_paths: bool = True) -> LoadedConfig:
     loader.add_cli(overrides, layers)
     loader.add_set(ns.set, layers)
     cfg = loader.normalise(loader.build(layers))
-    if check_paths and not layers.problems:
-        validate(cfg, layers)
+    # Cross-key checks run even when other keys failed, so every problem comes out at once;
+    # check_paths=False (--output_config, configs of another machine) skips only the checks
+    # of required paths and of files and folders that must exist.
+    validate(cfg, layers, check_paths=check_paths)
     if layers.problems:
         raise ConfigError(layers.problems)
     return LoadedConfig(cfg, tuple(layers.warnings), config_file, ns.output_config)

@@ -6,6 +6,7 @@ is a flag. Boolean keys work as bare flags (`--gradient_checkpointing`) or with 
 from __future__ import annotations
 
 import argparse
+import difflib
 from dataclasses import fields
 from typing import Any
 
@@ -56,13 +57,19 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, Any]], l
     ns, unknown = parser.parse_known_args(argv)
     problems: list[str] = []
     homes = schema.key_homes()
-    for item in unknown:
+    i = 0
+    while i < len(unknown):
+        item = unknown[i]
+        i += 1
         if item.startswith("--"):
             name = item[2:].split("=", 1)[0]
-            import difflib
             close = difflib.get_close_matches(name, list(homes), n=1, cutoff=0.6)
             hint = f" (did you mean --{close[0]}?)" if close else ""
             problems.append(f"command line: --{name}: unknown option{hint}")
+            # `--learning_rat 1e-4`: the word after an unknown flag is its value, not a
+            # second problem.
+            if "=" not in item and i < len(unknown) and not unknown[i].startswith("-"):
+                i += 1
         else:
             problems.append(f"command line: unexpected argument {item!r}")
     overrides: list[tuple[str, Any]] = []

@@ -1,4 +1,5 @@
-"""Layered loading: defaults < `base` files < the config file < accelerate's env < CLI flags.
+"""Layered loading: defaults < `base` files < the config file < accelerate's env (only
+`mixed_precision`, only when no file sets it) < CLI flags < `--set` (always last).
 
 Every problem is collected and raised at once as a ``ConfigError``; each message names the
 file (or "command line"), the section, the key, the value and the fix.
@@ -29,6 +30,7 @@ class Entry:
     value: Any
     origin: str          # "config.toml" or "command line"
     section: str         # the section the user wrote it in ("" for top level / CLI)
+    key: str = ""        # the spelling the user wrote (an alias, say); "" = canonical name
 
 
 class Layers:
@@ -38,6 +40,12 @@ class Layers:
         self.entries: dict[str, Entry] = {}
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        # Keys whose value failed typing or range checks: cross-key checks skip them, so
+        # one mistake is reported once.
+        self.failed: set[str] = set()
+        # Set when a file could not be read or a section was unknown: "required key" checks
+        # would then report keys the user did write, so they are skipped.
+        self.incomplete = False
 
     def put(self, key: str, entry: Entry):
         self.entries[key] = entry
@@ -53,6 +61,17 @@ def where(origin: str, section: str, key: str) -> str:
     return f"{origin}: {sec}{key}"
 
 
+def locate(layers: Layers, key: str) -> str:
+    """Where a canonical key was set, as the user wrote it: `file: [section] alias (alias
+    of key)`; a key nobody set is placed in its home section of "config"."""
+    home = schema.key_homes()[key][0]
+    e = layers.entries.get(key)
+    if e is None:
+        return where("config", home, key)
+    name = key if not e.key or e.key == key else f"{e.key} (alias of {key})"
+    return where(e.origin, e.section or home, name)
+
+
 def resolve_config_path(path: str) -> Path:
     """kohya accepts `--config_file config` for config.toml."""
     p = Path(path)
@@ -66,12 +85,15 @@ def read_toml(path: Path, layers: Layers) -> dict | None:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
+        layers.incomplete = True
         layers.problems.append(f"{path}: config file not found (check the path given to "
                                "--config_file or in `base`)")
     except tomllib.TOMLDecodeError as e:
+        layers.incomplete = True
         layers.problems.append(f"{path}: invalid TOML: {e} (fix the syntax at that line "
                                "and column)")
     except OSError as e:
+        layers.incomplete = True
         layers.problems.append(f"{path}: cannot read config file: {e}")
     return None
 
@@ -112,6 +134,7 @@ def add_mapping(data: dict, origin: str, layers: Layers) -> None:
             continue
         if isinstance(val, dict) and name not in homes:
             if name not in known_sections:
+                layers.incomplete = True
                 layers.problems.append(
                     f"{origin}: [{name}]: unknown section{_suggest(name, known_sections)}; "
                     f"valid sections: {', '.join(schema.SECTIONS)} (or kohya's "
@@ -137,7 +160,7 @@ def add_mapping(data: dict, origin: str, layers: Layers) -> None:
     # A key written both at home and elsewhere in one file: the home section wins.
     for section, key, v in out_of_home + at_home:
         canon_key = homes[key][1].name
-        layers.put(canon_key, Entry(v, origin, section))
+        layers.put(canon_key, Entry(v, origin, section, key))
 
 
 def add_cli(overrides: list[tuple[str, Any]], layers: Layers) -> None:
@@ -170,7 +193,7 @@ def add_set(assignments: list[str], layers: Layers) -> None:
                                    f"{key}{_suggest(key, homes)}")
             continue
         layers.put(homes[key][1].name, Entry(values.parse_scalar(rhs), "command line (--set)",
-                                             section))
+                                             section, key))
 
 
 def build(layers: Layers) -> schema.Config:
@@ -182,15 +205,17 @@ def build(layers: Layers) -> schema.Config:
             if f.name not in layers.entries:
                 continue
             e = layers.entries[f.name]
-            loc = where(e.origin, e.section or sec_name, f.name)
+            loc = locate(layers, f.name)
             try:
                 v = values.convert(f.type, e.value)
             except ValueError as err:
                 layers.problems.append(f"{loc}: {err}")
+                layers.failed.add(f.name)
                 continue
             problem = check_field(f, v)
             if problem:
                 layers.problems.append(f"{loc}: {problem}")
+                layers.failed.add(f.name)
                 continue
             kwargs[f.name] = v
         sections[sec_name] = cls(**kwargs)

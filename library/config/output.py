@@ -7,7 +7,6 @@ from pathlib import Path
 import tomli_w
 
 from library.config.schema import Config
-from networks.kohya_file import atomic_write_bytes
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -25,4 +24,7 @@ def config_to_toml(cfg: Config) -> str:
 
 
 def write_config_toml(cfg: Config, path: Path) -> None:
+    # Imported here: networks.kohya_file imports torch, and the config package stays light
+    # (`--output_config` and the config tests load no torch).
+    from networks.kohya_file import atomic_write_bytes
     atomic_write_bytes(Path(path), config_to_toml(cfg).encode("utf-8"))

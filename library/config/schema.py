@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from library.train.samplers import SAMPLER_NAMES
+
 CONFIG_VERSION = 1
 
 
@@ -171,19 +173,22 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sample_every_n_steps: Optional[int] = opt(None, "Write sample images every N steps.",
-                                              minimum=1, planned=True)
+    sample_every_n_steps: Optional[int] = opt(None, "Write sample images every N steps "
+                                              "(ignored when sample_every_n_epochs is set, "
+                                              "as in kohya).", minimum=1)
     sample_every_n_epochs: Optional[int] = opt(None, "Write sample images every N epochs.",
-                                               minimum=1, planned=True)
-    sample_at_first: bool = opt(False, "Also sample before training.", planned=True)
+                                               minimum=1)
+    sample_at_first: bool = opt(False, "Also sample before training.")
     sample_prompts: Optional[str] = opt(None, "Prompt file (.txt with kohya options, .toml "
-                                        "or .json).")
-    sample_sampler: str = opt("ddim", "Sampler for sample images.")
-    validation_prompt: Optional[str] = opt(None, "One prompt to sample (diffusers-script "
-                                           "flag).", planned=True)
-    num_validation_images: int = opt(4, "Images per validation prompt.", minimum=1)
+                                        "or .json); see docs/SAMPLING.md.")
+    sample_sampler: str = opt("ddim", "Sampler for sample images (kohya names accepted).",
+                              choices=SAMPLER_NAMES)
+    validation_prompt: Optional[str] = opt(None, "One prompt to sample at the end of epochs "
+                                           "(diffusers-script flag).")
+    num_validation_images: int = opt(4, "Images per validation prompt (seeds seed .. "
+                                     "seed+N-1).", minimum=1)
     validation_epochs: Optional[int] = opt(None, "Sample the validation prompt every N "
-                                           "epochs.", minimum=1, planned=True)
+                                           "epochs (default 1).", minimum=1)
 
 
 @dataclass(frozen=True)

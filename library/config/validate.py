@@ -1,70 +1,77 @@
-"""Checks across keys, run after typing; each message names where the key was set."""
+"""Checks across keys, run after typing; each message names where the key was set.
+
+A key whose own value was already refused (``layers.failed``) is left out of these checks,
+so one mistake gives one message. ``check_paths=False`` skips only the checks that need the
+run's files: required paths and the existence of folders and files.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-from library.config.loader import Layers, where
-from library.config.schema import Config, key_homes
+from library.config.loader import Layers, locate
+from library.config.schema import Config
 
 
-def _loc(layers: Layers, key: str) -> str:
-    section = key_homes()[key][0]
-    e = layers.entries.get(key)
-    if e is None:
-        return where("config", section, key)
-    return where(e.origin, e.section or section, key)
-
-
-def _is_set(layers: Layers, key: str) -> bool:
-    return key in layers.entries
-
-
-def validate(cfg: Config, layers: Layers) -> None:
+def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
     p = layers.problems
-    m, d, lo, s = cfg.model, cfg.dataset, cfg.lora, cfg.saving
-    if not m.pretrained_model_name_or_path:
-        p.append(f"{_loc(layers, 'pretrained_model_name_or_path')}: required; set it to a "
-                 "diffusers model folder")
-    if not d.train_data_dir:
-        p.append(f"{_loc(layers, 'train_data_dir')}: required; set it to your image folder "
-                 "(N_name class subfolders, or images with metadata.csv)")
-    elif not Path(d.train_data_dir).is_dir():
-        p.append(f"{_loc(layers, 'train_data_dir')}: folder {d.train_data_dir!r} does not "
-                 "exist")
-    if d.reg_data_dir and not Path(d.reg_data_dir).is_dir():
-        p.append(f"{_loc(layers, 'reg_data_dir')}: folder {d.reg_data_dir!r} does not exist")
+
+    def ok(*keys: str) -> bool:
+        return not any(k in layers.failed for k in keys)
+
+    d, lo = cfg.dataset, cfg.lora
+    if check_paths:
+        check_path_keys(cfg, layers, ok)
     if lo.network_train_unet_only and lo.network_train_text_encoder_only:
-        p.append(f"{_loc(layers, 'network_train_text_encoder_only')}: contradicts "
+        p.append(f"{locate(layers, 'network_train_text_encoder_only')}: contradicts "
                  "network_train_unet_only = true; set at most one of them")
     if d.cache_text_encoder_outputs:
-        if not lo.network_train_unet_only:
-            p.append(f"{_loc(layers, 'cache_text_encoder_outputs')}: needs frozen text "
+        if not lo.network_train_unet_only and ok("network_train_unet_only"):
+            p.append(f"{locate(layers, 'cache_text_encoder_outputs')}: needs frozen text "
                      "encoders; also set network_train_unet_only = true")
         for key in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate"):
             if getattr(d, key):
-                p.append(f"{_loc(layers, 'cache_text_encoder_outputs')}: cannot cache "
+                p.append(f"{locate(layers, 'cache_text_encoder_outputs')}: cannot cache "
                          f"captions that change every epoch ({key} is set); turn one off")
-    if d.resolution is not None:
+    if d.resolution is not None and ok("enable_bucket", "bucket_reso_steps"):
         step = d.bucket_reso_steps if d.enable_bucket else 8
         for side in d.resolution:
             if side <= 0 or side % step:
-                p.append(f"{_loc(layers, 'resolution')}: {side} is not a positive multiple "
+                p.append(f"{locate(layers, 'resolution')}: {side} is not a positive multiple "
                          f"of {step}" + (" (bucket_reso_steps)" if d.enable_bucket else "")
                          + f"; use e.g. {max(step, round(max(side, 1) / step) * step)}")
                 break
     if d.min_bucket_reso and d.max_bucket_reso and d.min_bucket_reso > d.max_bucket_reso:
-        p.append(f"{_loc(layers, 'min_bucket_reso')}: {d.min_bucket_reso} is larger than "
+        p.append(f"{locate(layers, 'min_bucket_reso')}: {d.min_bucket_reso} is larger than "
                  f"max_bucket_reso {d.max_bucket_reso}")
-    if cfg.sample.sample_prompts and not Path(cfg.sample.sample_prompts).is_file():
-        p.append(f"{_loc(layers, 'sample_prompts')}: file {cfg.sample.sample_prompts!r} not "
-                 "found")
-    if s.resume and not Path(s.resume).is_dir():
-        p.append(f"{_loc(layers, 'resume')}: state folder {s.resume!r} not found")
     if d.caption_dropout_rate > 1 or d.caption_tag_dropout_rate > 1:
         key = "caption_dropout_rate" if d.caption_dropout_rate > 1 else \
             "caption_tag_dropout_rate"
-        p.append(f"{_loc(layers, key)}: a probability must be between 0 and 1")
+        p.append(f"{locate(layers, key)}: a probability must be between 0 and 1")
     w = cfg.optimizer.lr_warmup_steps
     if w >= 1 and not float(w).is_integer():
-        p.append(f"{_loc(layers, 'lr_warmup_steps')}: {w} is neither a whole number of steps "
-                 "nor a fraction below 1")
+        p.append(f"{locate(layers, 'lr_warmup_steps')}: {w} is neither a whole number of "
+                 "steps nor a fraction below 1")
+
+
+def check_path_keys(cfg: Config, layers: Layers, ok) -> None:
+    """Required paths and paths that must exist (relative to the working directory)."""
+    p = layers.problems
+    m, d, s = cfg.model, cfg.dataset, cfg.saving
+    required = not layers.incomplete
+    if not m.pretrained_model_name_or_path and required and ok("pretrained_model_name_or_path"):
+        p.append(f"{locate(layers, 'pretrained_model_name_or_path')}: required; set it to a "
+                 "diffusers model folder")
+    if not d.train_data_dir:
+        if required and ok("train_data_dir"):
+            p.append(f"{locate(layers, 'train_data_dir')}: required; set it to your image "
+                     "folder (N_name class subfolders, or images with metadata.csv)")
+    elif not Path(d.train_data_dir).is_dir():
+        p.append(f"{locate(layers, 'train_data_dir')}: folder {d.train_data_dir!r} does not "
+                 "exist")
+    if d.reg_data_dir and not Path(d.reg_data_dir).is_dir():
+        p.append(f"{locate(layers, 'reg_data_dir')}: folder {d.reg_data_dir!r} does not exist")
+    if cfg.sample.sample_prompts and not Path(cfg.sample.sample_prompts).is_file():
+        p.append(f"{locate(layers, 'sample_prompts')}: file {cfg.sample.sample_prompts!r} not "
+                 "found")
+    if s.resume and not Path(s.resume).is_dir():
+        p.append(f"{locate(layers, 'resume')}: state folder {s.resume!r} not found")

@@ -44,6 +44,11 @@ class Tracker:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
 
+    def image(self, tag: str, array_hwc_uint8, step: int) -> None:
+        """One uint8 HWC image (e.g. a grid of samples) under `tag`."""
+        if self.writer:
+            self.writer.add_image(tag, array_hwc_uint8, step, dataformats="HWC")
+
     def close(self) -> None:
         if self.writer:
             self.writer.flush()

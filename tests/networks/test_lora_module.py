@@ -31,6 +31,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 3e-2)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread start-up costs more than the math, on a loaded box much more."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=list(KINDS), ids=list(KINDS))
 def kind(request):
     return request.param

@@ -1,0 +1,243 @@
+#!/usr/bin/env python
+"""GPU benchmark: tomlora's LoRA training step beside the diffusers-example reference.
+
+Both run on full-size SD1.5 / SDXL UNets with random weights (speed does not depend on the
+values), bf16 frozen base, fp32 LoRA weights (rank 32 on every Linear / 1x1 conv inside the
+transformer blocks: kohya's default targets), bf16 autocast, SDPA, cached latents and
+text-encoder outputs (random tensors of the right shapes), max_grad_norm 1.0.
+
+- reference: diffusers UNet + peft `add_adapter(LoraConfig(...))` + torch AdamW, the step
+  written as the diffusers example scripts write it;
+- ours: the same UNet with networks.targets + networks.lora.LoRANetwork, our optimizer
+  registry (fused AdamW on CUDA) and library.train.step.diffusion_loss, i.e. the code path
+  train_network.py runs.
+
+Reports images/s, ratio to the reference, MFU (FLOPs of one step from
+torch.utils.flop_counter over a bf16 8192^3 matmul measured in the same run), peak
+torch.cuda.max_memory_allocated and the time from building the UNet to the end of step 1.
+
+    python bench/bench_step.py [--workloads sd15-512-b1,...] [--steps 20] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)
+WORKLOADS = {
+    "sd15-512-b1": ("sd15", 512, 1), "sd15-512-b4": ("sd15", 512, 4),
+    "sd15-512-b16": ("sd15", 512, 16), "sdxl-1024-b1": ("sdxl", 1024, 1),
+    "sdxl-1024-b4": ("sdxl", 1024, 4),
+    "sd15-64-b1": ("sd15", 64, 1), "sdxl-64-b1": ("sdxl", 64, 1),  # CPU smoke tests
+}
+# Module-name suffixes of kohya's default targets, for peft's target_modules.
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                "ff.net.2"]
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: smoke test of the script only
+
+
+def build_unet(family: str):
+    from diffusers import UNet2DConditionModel
+    with torch.device(DEVICE):
+        unet = UNet2DConditionModel.from_config(SD15_UNET if family == "sd15" else SDXL_UNET)
+    unet.to(torch.bfloat16).requires_grad_(False)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    unet.set_attn_processor(AttnProcessor2_0())
+    return unet
+
+
+def make_batch(family: str, reso: int, b: int):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    lat = torch.randn(b, 4, reso // 8, reso // 8, device=DEVICE, generator=g)
+    ctx = torch.randn(b, 77, 768 if family == "sd15" else 2048, device=DEVICE, generator=g)
+    cond = {"encoder_hidden_states": ctx}
+    batch = {"loss_weight": torch.ones(b, device=DEVICE)}
+    if family == "sdxl":
+        cond["pooled"] = torch.randn(b, 1280, device=DEVICE, generator=g)
+        sizes = torch.tensor([[reso, reso]] * b)
+        batch.update(original_size=sizes, crop_top_left=torch.zeros(b, 2), target_size=sizes)
+    return lat, cond, batch
+
+
+def scheduler():
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear")
+
+
+def autocast():
+    return torch.autocast(DEVICE, dtype=torch.bfloat16)
+
+
+def reference_setup(family: str, rank: int):
+    from peft import LoraConfig
+    unet = build_unet(family)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=PEFT_TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sched = scheduler()
+    from library.models.loading import FAMILIES
+    fam = FAMILIES[family]
+
+    def step(lat, cond, batch):
+        noise = torch.randn_like(lat)
+        t = torch.randint(0, 1000, (lat.shape[0],), device=lat.device).long()
+        noisy = sched.add_noise(lat, noise, t).to(torch.bfloat16)
+        with autocast():
+            pred = unet(noisy, t, cond["encoder_hidden_states"].to(torch.bfloat16),
+                        **fam.unet_inputs(cond, batch)).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return unet, step, len(params) // 2
+
+
+def ours_setup(family: str, rank: int):
+    from library.models.loading import FAMILIES
+    from library.train.optimizers import make_optimizer
+    from library.train.step import LossSettings, diffusion_loss
+    from networks.lora import LoRANetwork
+    from networks.targets import RankSpec, find_targets
+    fam = FAMILIES[family]
+    unet = build_unet(family)
+    net = LoRANetwork(find_targets(unet, [], (), family, RankSpec(rank, rank),
+                                   train_unet=True, train_text_encoder=False)).to(DEVICE).attach()
+    params = list(net.parameters())
+    opt = make_optimizer("AdamW", [{"params": params}], 1e-4, {})
+    sched = scheduler()
+    settings = LossSettings()
+
+    def step(lat, cond, batch):
+        loss = diffusion_loss(unet, fam, sched, lat, cond, batch, settings,
+                              weight_dtype=torch.bfloat16, autocast=autocast)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return unet, step, len(net)
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak() -> float:
+    if DEVICE == "cpu":
+        return 1e12
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t0)
+
+
+def step_flops(step, lat, cond, batch) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        step(lat, cond, batch)
+    return float(fc.get_total_flops())
+
+
+def run(kind: str, workload: str, rank: int, steps: int, warmup: int, peak: float) -> dict:
+    family, reso, b = WORKLOADS[workload]
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    unet, step, modules = (reference_setup if kind == "reference" else ours_setup)(family, rank)
+    lat, cond, batch = make_batch(family, reso, b)
+    step(lat, cond, batch)
+    sync()
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        step(lat, cond, batch)
+    sync()
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        loss = step(lat, cond, batch)
+    sync()
+    dt = time.perf_counter() - t1
+    flops = step_flops(step, lat, cond, batch)
+    result = {"kind": kind, "workload": workload, "lora_modules": modules,
+              "images_per_s": b * steps / dt, "step_ms": 1000 * dt / steps,
+              "tflop_per_image": flops / b / 1e12, "mfu": flops * steps / dt / peak,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0,
+              "first_step_s": first, "loss": float(loss)}
+    del unet, step
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default="sd15-512-b1,sd15-512-b16,sdxl-1024-b1,sdxl-1024-b4")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_peak()
+    import diffusers
+    env = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+           "diffusers": diffusers.__version__, "matmul_tflops": peak / 1e12,
+           "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(env))
+    rows = []
+    for w in a.workloads.split(","):
+        for kind in ("reference", "ours"):
+            with contextlib.suppress(torch.cuda.OutOfMemoryError):
+                r = run(kind, w, a.rank, a.steps, a.warmup, peak)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    print(f"\n| workload | kind | LoRA modules | images/s | x ref | MFU | peak GiB | "
+          "build+first step s |\n|---|---|---|---|---|---|---|---|")
+    ref = {r["workload"]: r["images_per_s"] for r in rows if r["kind"] == "reference"}
+    for r in rows:
+        ratio = r["images_per_s"] / ref[r["workload"]] if r["workload"] in ref else float("nan")
+        print(f"| {r['workload']} | {r['kind']} | {r['lora_modules']} | {r['images_per_s']:.2f} "
+              f"| {ratio:.2f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | "
+              f"{r['first_step_s']:.1f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
