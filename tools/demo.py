@@ -26,7 +26,12 @@ def main() -> int:
     import train_network
     rc = train_network.main(["--config_file", "configs/examples/tiny_demo.toml"])
     if rc == 0:
-        print("\nOpen the loss and learning-rate curves with:\n"
+        samples = sorted(Path("demo/output/sample").glob("*.png"))
+        if samples:
+            print(f"\nSample images ({len(samples)}, docs/SAMPLING.md):")
+            for p in samples:
+                print(f"  {p}")
+        print("\nOpen the loss and learning-rate curves (and the sample grids, IMAGES tab) with:\n"
               "  .venv/bin/tensorboard --logdir demo/logs\n")
     return rc
 

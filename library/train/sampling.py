@@ -61,10 +61,9 @@ def make_pipeline(c):
     may rewrite the scheduler config, and the training noise scheduler must stay untouched.
     `clip_sample` is off, as in the released SD1.5/SDXL scheduler configs (DDPMScheduler's
     class default is on, and the SD pipeline would switch it off with a warning)."""
-    config = dict(c.noise_scheduler.config)
-    if "clip_sample" in config:
-        config["clip_sample"] = False
-    sched = type(c.noise_scheduler).from_config(config)
+    config = c.noise_scheduler.config
+    sched = type(c.noise_scheduler).from_config(
+        config, **({"clip_sample": False} if "clip_sample" in config else {}))
     pipe = c.family.pipeline(dataclasses.replace(c, noise_scheduler=sched))
     pipe.set_progress_bar_config(disable=True)
     return pipe, dict(pipe.scheduler.config)

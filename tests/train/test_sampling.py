@@ -90,6 +90,16 @@ def test_preserved_rng():
     assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
 
 
+def test_validation_prompts_use_consecutive_seeds():
+    from library.train.sampling import validation_prompts
+    cfg = SimpleNamespace(sample=SimpleNamespace(validation_prompt="a star",
+                                                 num_validation_images=3,
+                                                 sample_sampler="k_euler_a"))
+    specs = validation_prompts(cfg, 1024, seed=7)
+    assert [(p.prompt, p.seed, p.width, p.sampler) for p in specs] == [
+        ("a star", s, 1024, "euler_a") for s in (7, 8, 9)]
+
+
 def read_images(logdir: Path) -> dict[str, list]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = next(p for p in logdir.iterdir() if p.is_dir())
@@ -146,3 +156,17 @@ def test_bad_prompt_file_stops_before_models_load(tmp_path, tiny_sd15_dir, capsy
     assert rc == 2
     assert f"{prompts}:2: --w 'huge': expected an integer >= 64" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sdxl_samples_at_epoch_end(tmp_path, tiny_sdxl_dir):
+    from PIL import Image
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text('[[prompt]]\nprompt = "a star"\nnegative_prompt = "blurry"\n'
+                       'width = 64\nheight = 64\nsample_steps = 2\n')
+    rc, out = train(tmp_path, tiny_sdxl_dir, "--sample_every_n_epochs", "1",
+                    "--sample_every_n_steps", "1", "--sample_prompts", str(prompts), steps=4)
+    assert rc == 0
+    # 4 images x 2 repeats / batch 2 = one epoch of 4 steps; the epoch interval wins
+    assert [p.name for p in (out / "sample").glob("*.png")] == ["t_s000004_e001_00.png"]
+    img = Image.open(out / "sample" / "t_s000004_e001_00.png")
+    assert img.size == (64, 64) and "Model: tiny-sdxl" in img.text["parameters"]
