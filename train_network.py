@@ -11,28 +11,36 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from library.config import ConfigError, load_config
 from library.config.output import config_to_toml, write_config_toml
-from library.data.dataset import DataOptions, DataSet
-from library.data.doctor import check_images, describe_plan
-from library.data.sources import scan_sources
-from library.models.loading import ModelLoadError, detect_family, load_components, \
-    resolve_model_dir
+from library.data.cache import cache_latents
+from library.data.doctor import describe_plan
+from library.data.prepare import build_group, prepare_data, validation_set
+from library.models.attention import configure_attention_and_storage
+from library.models.loading import ModelLoadError, check_model, load_components_for
 from library.train.optimizers import make_optimizer
 from library.train.sampling import Sampler, sample_prompts
-from library.train.saving import build_metadata, save_lora
-from library.train.schedulers import make_scheduler, warmup_steps
+from library.train.checkpoints import Checkpointer
+from library.train.conditioning import LatentEncoder, TextConditioner
+from library.train.distributed import average_gradients, loss_share, shard
+from library.train.saving import bucket_info, build_metadata, fingerprint, save_lora, tag_frequency
+from library.train.noise import apply_zero_terminal_snr
+from library.train.schedulers import scheduler_from_config
 from library.train.step import LossSettings, diffusion_loss
-from library.train.tracking import LossAverage, Tracker, run_dir
-from networks.lora import LoRANetwork
-from networks.targets import RankSpec, find_targets
+from library.train.state import Position, StateError, load_state, read_position, save_state
+from library.train.tracking import LossAverage, Tracker, lr_scalars, run_dir, step_scalars
+from library.train.validation import split_items, validation_loss
+from networks.build import build_network, load_network_weights, skipped_prefixes
+from networks.param_groups import check_config, param_groups
 
 log = logging.getLogger("tomlora")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -54,25 +62,6 @@ def output_paths(cfg) -> dict[str, Path]:
     return {"dir": out, "final": final, "config": out / f"{name}.toml"}
 
 
-def rank_spec(cfg) -> RankSpec:
-    args = cfg.lora.network_args
-    conv_dim = args.get("conv_dim")
-    return RankSpec(cfg.lora.network_dim, cfg.lora.network_alpha,
-                    int(conv_dim) if conv_dim else None,
-                    float(args["conv_alpha"]) if args.get("conv_alpha") else None)
-
-
-def param_groups(network: LoRANetwork, cfg) -> list[dict]:
-    o = cfg.optimizer
-    lrs = {"lora_unet": o.unet_lr or o.learning_rate}
-    groups = []
-    for part, modules in network.parts().items():
-        lr = lrs.get(part, o.text_encoder_lr or o.learning_rate)
-        groups.append({"params": [p for m in modules for p in m.parameters()], "lr": lr,
-                       "name": part})
-    return groups
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # ---- 1. configuration ---------------------------------------------------------------
@@ -91,26 +80,46 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 2. data, checked before any model loads ----------------------------------------
     try:
-        model_dir = resolve_model_dir(cfg.model.pretrained_model_name_or_path)
-        family = detect_family(model_dir, cfg.model.model_family)
+        model_dir, family = check_model(cfg.model)  # path, family, single-file configs
     except ModelLoadError as e:
         return fail("Model error", [str(e)])
+    try:  # network_args and text_encoder_lr depend on the family (block counts, encoders)
+        net_args = check_config(cfg, family.name)
+    except ValueError as e:
+        return fail("Configuration error", e.problems)
+    for w in net_args.warnings:
+        log.warning(w)
     d = cfg.dataset
     resolution = d.resolution or (family.native_resolution, family.native_resolution)
-    scan = scan_sources(d.train_data_dir, d.reg_data_dir, caption_extension=d.caption_extension,
-                        caption_column=d.caption_column, image_column=d.image_column)
-    for w in scan.warnings:
+    try:  # scan + the doctor (docs/DATASETS.md); a bad dataset_config is a config error
+        data = prepare_data(d, resolution, loaded.cli_keys)
+    except ConfigError as e:
+        return fail("Configuration error", e.problems)
+    for w in data.warnings:
         log.warning(w)
-    items, bad = check_images(scan.items, skip_bad=d.skip_bad_images)
-    if scan.problems or bad:
-        return fail("Data error", scan.problems + bad)
+    if data.problems:
+        return fail("Data error", data.problems)
     seed = cfg.training.seed if cfg.training.seed is not None else random.randrange(2**31)
-    dataset = DataSet(items, DataOptions.from_config(d, resolution), seed)
+    try:  # a resumed run must see the same data order, hence the same seed
+        seed = read_position(Path(cfg.saving.resume))[0].seed if cfg.saving.resume else seed
+    except StateError as e:
+        return fail("Resume error", [str(e)])
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate launch --num_processes
+    dataset, val_items = build_group(data, seed, world=world, hold_out=lambda its: split_items(
+        its, cfg.training.validation_split, seed))
+    items = dataset.items
+    if cfg.training.validation_data_dir:
+        val = prepare_data(replace(d, train_data_dir=cfg.training.validation_data_dir,
+                                   reg_data_dir=None, dataset_config=None), resolution)
+        if val.problems:
+            return fail("Validation data error", val.problems)
+        val_items = val.items
+    val_set = validation_set(val_items, dataset.o, seed) if val_items else None
     accum = cfg.training.gradient_accumulation_steps
     steps_per_epoch = math.ceil(dataset.steps_per_epoch() / accum)
     epochs = cfg.training.max_train_epochs
     total_steps = epochs * steps_per_epoch if epochs else (cfg.training.max_train_steps or 1600)
-    print(describe_plan(scan, dataset, steps_per_epoch, total_steps, accum))
+    print(describe_plan(data, dataset, steps_per_epoch, total_steps, accum))
     try:  # sample prompt files are checked before any model loads (docs/SAMPLING.md)
         prompts = sample_prompts(cfg, family.native_resolution, seed)
     except ValueError as e:
@@ -132,151 +141,182 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum)
     set_seed(seed)
     device, weight_dtype = accelerator.device, DTYPES[mp]
-    vae_dtype = torch.float32 if (cfg.model.no_half_vae or family.name == "sdxl") \
-        else weight_dtype
-    c = load_components(str(model_dir), family=family.name, vae=cfg.model.vae,
-                        weight_dtype=weight_dtype, vae_dtype=vae_dtype)
+    try:
+        c = load_components_for(cfg.model, model_dir, family, weight_dtype)
+    except ModelLoadError as e:
+        return fail("Model error", [str(e)])
+    vae_dtype = c.vae.dtype  # fp32 for SDXL's original VAE (library/models/vae.py)
+    if cfg.training.zero_terminal_snr:
+        apply_zero_terminal_snr(c.noise_scheduler)
     for m in [c.unet, c.vae, *c.text_encoders]:
         m.requires_grad_(False).eval().to(device)
     if cfg.training.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing()
         for te in c.text_encoders:
             te.gradient_checkpointing_enable()
-    if cfg.model.sdpa:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-        c.unet.set_attn_processor(AttnProcessor2_0())
+    for note in configure_attention_and_storage(c, cfg.model, device, weight_dtype):
+        log.info(note)  # SDPA / xformers, fp8_base (before the LoRA attaches)
 
     # ---- 4. the LoRA network, optimizer and schedule -------------------------------------
     train_te = not cfg.lora.network_train_unet_only
-    train_unet = not cfg.lora.network_train_text_encoder_only
-    args = cfg.lora.network_args
-    network = LoRANetwork(
-        find_targets(c.unet, c.text_encoders, family.te_prefixes, family.name, rank_spec(cfg),
-                     train_unet=train_unet, train_text_encoder=train_te),
-        dropout=cfg.lora.network_dropout or 0.0,
-        rank_dropout=float(args.get("rank_dropout", 0.0)),
-        module_dropout=float(args.get("module_dropout", 0.0))).to(device).attach()
-    network.train()
+    try:  # the targets, network_weights (strict) and the lr groups; nothing written yet
+        network = build_network(c, family, cfg, net_args)
+        if cfg.lora.network_weights:
+            for note in load_network_weights(network, cfg.lora.network_weights, family.name,
+                                             dict(c.unet.config), skipped_prefixes(cfg, family)):
+                log.info(note)
+        groups = param_groups(network.to(device), cfg, family.name, dict(c.unet.config),
+                              net_args)
+    except ValueError as e:
+        return fail("LoRA network error", [str(e)])
+    network.attach().train()
     log.info(f"LoRA on {len(network)} modules: " + ", ".join(
         f"{k} {len(v)}" for k, v in network.parts().items()))
-    optimizer = make_optimizer(cfg.optimizer.optimizer_type, param_groups(network, cfg),
+    optimizer = make_optimizer(cfg.optimizer.optimizer_type, groups,
                                cfg.optimizer.learning_rate, cfg.optimizer.optimizer_args)
-    lr_scheduler = make_scheduler(
-        cfg.optimizer.lr_scheduler, optimizer, total_steps=total_steps,
-        warmup=warmup_steps(cfg.optimizer.lr_warmup_steps, total_steps),
-        num_cycles=cfg.optimizer.lr_scheduler_num_cycles, power=cfg.optimizer.lr_scheduler_power)
+    lr_scheduler = scheduler_from_config(cfg.optimizer, optimizer, total_steps)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     params = [p for p in network.parameters() if p.requires_grad]
 
-    # ---- 5. caches -----------------------------------------------------------------------
-    scaling = c.vae.config.scaling_factor
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def encode_latents(px: torch.Tensor) -> torch.Tensor:
-        dist = c.vae.encode(px.to(device, vae_dtype)).latent_dist
-        return (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(
-            device, dist.mean.dtype)) * scaling
-
-    if d.cache_latents:
-        with torch.no_grad():
-            dataset.cache_latents(encode_latents, d.vae_batch_size)
-        log.info(f"cached {len(dataset.latent_cache)} latents")
-    te_cache: dict[str, dict] = {}
-
-    def conditioning(captions: list[str]) -> dict:
-        if train_te:
-            return family.encode_prompts(c, captions, cfg.model.clip_skip)
-        missing = [t for t in dict.fromkeys(captions) if t not in te_cache]
-        if missing:
-            with torch.no_grad():
-                enc = family.encode_prompts(c, missing, cfg.model.clip_skip)
-            for i, t in enumerate(missing):
-                te_cache[t] = {k: v[i] for k, v in enc.items() if v is not None}
-        cond = {k: torch.stack([te_cache[t][k] for t in captions]) for k in te_cache[captions[0]]}
-        if not d.cache_text_encoder_outputs:
-            te_cache.clear()
-        return cond
+    # ---- 5. caches and resume ---------------------------------------------------------------
+    latents_of = LatentEncoder(c.vae, device, vae_dtype, seed)
+    if d.cache_latents or d.cache_latents_to_disk:  # content-addressed (library/data/cache.py)
+        log.info(cache_latents(dataset, latents_of.sample, vae=c.vae, vae_dtype=vae_dtype,
+                               to_disk=d.cache_latents_to_disk, cache_dir=d.cache_dir,
+                               vae_batch_size=d.vae_batch_size,
+                               progress=accelerator.is_main_process).summary())
+    conditioning = TextConditioner(c, family, cfg.model.clip_skip, train_te,
+                                   keep_cache=d.cache_text_encoder_outputs,
+                                   max_token_length=cfg.model.max_token_length)
+    position = Position(0, 0, 0, seed)
+    if cfg.saving.resume:
+        position = load_state(Path(cfg.saving.resume), network=network, optimizer=optimizer,
+                              lr_scheduler=lr_scheduler, scaler=accelerator.scaler,
+                              generators={"latents": latents_of.gen})
+        log.info(f"resumed from {cfg.saving.resume} at step {position.step}")
 
     # ---- 6. the loop ---------------------------------------------------------------------
+    is_main = accelerator.is_main_process
     logging_dir = cfg.logging.logging_dir or str(paths["dir"] / "logs")
     tracker = Tracker(run_dir(logging_dir, cfg.saving.output_name, cfg.logging.log_prefix,
-                              cfg.logging.log_tracker_name) if accelerator.is_main_process
-                      else None, config_to_toml(cfg))
+                              cfg.logging.log_tracker_name) if is_main else None,
+                      config_to_toml(cfg))
     loss_settings = LossSettings.from_config(cfg)
     loss_avg = LossAverage(steps_per_epoch)
     paths["dir"].mkdir(parents=True, exist_ok=True)
-    write_config_toml(cfg, paths["config"])
+    if is_main:
+        write_config_toml(cfg, paths["config"])
     sampler = Sampler(c, family, network, cfg, paths["dir"], tracker, device, weight_dtype,
                       seed, prompts)
 
-    def save(path: Path, step: int, epoch: int) -> None:
-        if not accelerator.is_main_process:
-            return
+    def save_lora_file(path: Path, step: int, epoch: int) -> None:
         meta = build_metadata(cfg, family, steps=step, epoch=epoch, num_images=len(items),
-                              resolution=resolution, tag_frequency=scan_tag_frequency(items),
+                              resolution=resolution, tag_frequency=tag_frequency(items),
                               bucket_info=bucket_info(dataset), seed=seed, title=path.stem)
         save_lora(network, path, precision=cfg.saving.save_precision,
                   layout=cfg.saving.save_model_as, family=family.name,
                   unet_config=dict(c.unet.config), metadata=meta)
         log.info(f"saved {path}")
 
+    def save_training_state(folder: Path, pos: Position) -> None:
+        save_state(folder, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                   scaler=accelerator.scaler, position=pos, fingerprint=fingerprint(cfg),
+                   generators={"latents": latents_of.gen})
+
+    checkpoints = Checkpointer(cfg.saving, paths["dir"], paths["final"], save_lora_file,
+                               save_training_state, is_main)
+
+    def validate(step: int) -> None:
+        if val_set is None:
+            return
+        v = validation_loss(val_set, unet=c.unet, family=family, scheduler=c.noise_scheduler,
+                            encode_mean=latents_of.mean, conditioning=conditioning,
+                            network=network, seed=seed, device=device, weight_dtype=weight_dtype,
+                            autocast=accelerator.autocast, v_prediction=loss_settings.v_prediction)
+        tracker.scalars({"loss/validation": v}, step)
+        log.info(f"step {step}: validation loss {v:.5f}")
+
     from tqdm.auto import tqdm
-    progress = tqdm(total=total_steps, desc="steps", disable=not accelerator.is_main_process)
-    global_step, epoch, started = 0, 0, time.time()
+    global_step, epoch = position.step, position.epoch
+    progress = tqdm(total=total_steps, initial=global_step, desc="steps", disable=not is_main)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    started, images_done, micro, here, nan_streak = time.time(), 0, 0, position, 0
     try:
-        sampler.maybe_sample(0, 0, first=True)
+        if global_step == 0:
+            sampler.maybe_sample(0, 0, first=True)
         while global_step < total_steps:
+            batches = dataset.batches(epoch)
             slot = 0
-            for batch_indices in dataset.batches(epoch):
-                batch = dataset.collate(batch_indices, epoch, slot)
-                slot += len(batch_indices)
-                with accelerator.accumulate(network):
-                    with torch.no_grad():
-                        latents = batch["latents"].to(device) if "latents" in batch else \
-                            encode_latents(batch["pixels"])
-                    with torch.set_grad_enabled(train_te):
-                        cond = conditioning(batch["captions"])
-                    loss = diffusion_loss(c.unet, family, c.noise_scheduler, latents, cond,
-                                          batch, loss_settings, weight_dtype=weight_dtype,
-                                          autocast=accelerator.autocast)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.optimizer.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
+            for b_i, global_batch in enumerate(batches):
+                if epoch == position.epoch and b_i < position.batches_done:
+                    slot += len(global_batch)  # resumed: this batch was trained already
                     continue
+                local = shard(global_batch, rank, world)
+                batch = dataset.collate(local, epoch, slot + len(global_batch) * rank // world,
+                                        global_step, total_steps)
+                slot += len(global_batch)
+                latents = batch["latents"].to(device) if "latents" in batch else \
+                    latents_of.sample(batch["pixels"])
+                with torch.set_grad_enabled(train_te):
+                    cond = conditioning(batch["captions"])
+                loss = diffusion_loss(c.unet, family, c.noise_scheduler, latents, cond, batch,
+                                      loss_settings, weight_dtype=weight_dtype,
+                                      autocast=accelerator.autocast)
+                if not torch.isfinite(loss):
+                    if not cfg.training.skip_nan_steps:
+                        raise FloatingPointError(
+                            f"loss is {loss.item()} at step {global_step + 1}: lower "
+                            "learning_rate, or use bf16 / no_half_vae if fp16 overflowed "
+                            "(skip_nan_steps = true skips such steps); files saved so far "
+                            "are intact")
+                    log.warning(f"step {global_step + 1}: non-finite loss, batch skipped")
+                    optimizer.zero_grad(set_to_none=True)
+                    nan_streak += 1
+                    if nan_streak > len(batches):
+                        raise FloatingPointError("every batch of a whole epoch gave a "
+                                                 "non-finite loss; lower learning_rate")
+                    continue
+                nan_streak = 0
+                accelerator.backward(loss * loss_share(len(local), len(global_batch), world))
+                micro += 1
+                images_done += len(global_batch)
+                if micro % accum and b_i < len(batches) - 1:
+                    continue  # accumulating: the optimizer steps every `accum` batches
+                average_gradients(params, world)
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.optimizer.max_grad_norm) \
+                    if cfg.optimizer.max_grad_norm > 0 else None
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
                 global_step += 1
                 current = loss.detach().item()
-                if not math.isfinite(current):
-                    raise FloatingPointError(
-                        f"loss is {current} at step {global_step}: lower learning_rate, or "
-                        "use bf16 / no_half_vae if fp16 overflowed; files saved so far are "
-                        "intact")
                 average = loss_avg.add(current)
-                lrs = {f"lr/{'unet' if g['name'] == 'lora_unet' else 'textencoder'}"
-                       f"{'' if g['name'] in ('lora_unet', 'lora_te', 'lora_te1') else '2'}":
-                       g["lr"] for g in optimizer.param_groups}
-                tracker.scalars({"loss/current": current, "loss/average": average, **lrs},
+                tracker.scalars({"loss/current": current, "loss/average": average,
+                                 **lr_scalars(optimizer), **step_scalars(
+                                     grad_norm, images_done, time.time() - started)},
                                 global_step)
-                progress.set_postfix(loss=f"{average:.4f}", lr=f"{next(iter(lrs.values())):.2e}")
+                progress.set_postfix(loss=f"{average:.4f}",
+                                     lr=f"{optimizer.param_groups[0]['lr']:.2e}")
                 progress.update(1)
                 sampler.maybe_sample(global_step, epoch + 1)
-                every = cfg.saving.save_every_n_steps
-                if every and global_step % every == 0 and global_step < total_steps:
-                    save(paths["dir"] / f"{cfg.saving.output_name}-step{global_step:08d}"
-                         ".safetensors", global_step, epoch + 1)
+                here = Position(global_step, epoch, b_i + 1, seed) if b_i + 1 < len(batches) \
+                    else Position(global_step, epoch + 1, 0, seed)
+                checkpoints.after_step(global_step, epoch + 1, total_steps, here)
+                if cfg.training.validate_every_n_steps and \
+                        global_step % cfg.training.validate_every_n_steps == 0:
+                    validate(global_step)
                 if global_step >= total_steps:
                     break
-            epoch += 1
-            tracker.scalars({"loss/epoch": loss_avg.mean}, epoch)
-            sampler.maybe_sample(global_step, epoch, epoch_end=True)
-            every = cfg.saving.save_every_n_epochs
-            if every and epoch % every == 0 and global_step < total_steps:
-                save(paths["dir"] / f"{cfg.saving.output_name}-{epoch:06d}.safetensors",
-                     global_step, epoch)
-        save(paths["final"], global_step, epoch)
+            if b_i == len(batches) - 1:  # the epoch is complete (also when training ends)
+                epoch += 1
+                tracker.scalars({"loss/epoch": loss_avg.mean}, epoch)
+                sampler.maybe_sample(global_step, epoch, epoch_end=True)
+                here = Position(global_step, epoch, 0, seed)
+                checkpoints.after_epoch(epoch, global_step, total_steps, here)
+                if cfg.training.validate_every_n_epochs and \
+                        epoch % cfg.training.validate_every_n_epochs == 0:
+                    validate(global_step)
+        checkpoints.final(global_step, max(epoch, 1), here)
     except (FloatingPointError, RuntimeError) as e:
         log.error(f"training failed: {e}")
         return 1
@@ -288,23 +328,6 @@ def main(argv: list[str] | None = None) -> int:
           f"  LoRA:        {paths['final']}\n  config:      {paths['config']}\n"
           f"  TensorBoard: tensorboard --logdir {logging_dir}")
     return 0
-
-
-def scan_tag_frequency(items) -> dict:
-    freq: dict[str, dict[str, int]] = {}
-    for it in items:
-        tags = freq.setdefault(it.folder, {})
-        for tag in (t.strip() for t in it.caption.split(",")):
-            if tag:
-                tags[tag] = tags.get(tag, 0) + 1
-    return freq
-
-
-def bucket_info(dataset: DataSet) -> dict:
-    counts: dict[str, int] = {}
-    for b, n in zip(dataset.buckets, dataset.repeats):
-        counts[f"{b[0]}x{b[1]}"] = counts.get(f"{b[0]}x{b[1]}", 0) + n
-    return {"buckets": counts}
 
 
 if __name__ == "__main__":

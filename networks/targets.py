@@ -22,10 +22,32 @@ _TE_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|
 
 @dataclass(frozen=True)
 class RankSpec:
+    """Ranks and alphas of the targets. The per-block tables (kohya's block_dims, ...; built
+    by networks.network_args.rank_spec) are indexed by formats.lora_block_index and apply to
+    UNet modules only; a rank of 0 leaves the module out."""
     dim: int
     alpha: float | None
     conv_dim: int | None = None
     conv_alpha: float | None = None
+    block_dims: tuple[int, ...] | None = None
+    block_alphas: tuple[float | None, ...] | None = None
+    conv_block_dims: tuple[int, ...] | None = None
+    conv_block_alphas: tuple[float | None, ...] | None = None
+
+    @property
+    def include_conv(self) -> bool:
+        return bool(self.conv_dim) or bool(self.conv_block_dims and any(self.conv_block_dims))
+
+    def for_module(self, conv3x3: bool, block: int) -> tuple[int, float | None]:
+        """(rank, alpha) of a UNet module in kohya block `block` (-1: outside the blocks)."""
+        if conv3x3:
+            dims, alphas, dim, alpha = (self.conv_block_dims, self.conv_block_alphas,
+                                        self.conv_dim, self.conv_alpha)
+        else:
+            dims, alphas, dim, alpha = self.block_dims, self.block_alphas, self.dim, self.alpha
+        if dims is None or block < 0:
+            return dim or 0, alpha
+        return dims[block], (alphas[block] if alphas is not None else alpha)
 
 
 def _is_3x3(m: nn.Module) -> bool:
@@ -51,14 +73,21 @@ def unet_module_paths(unet: nn.Module, include_conv: bool) -> list[tuple[str, nn
 
 
 def unet_targets(unet: nn.Module, family: str, ranks: RankSpec) -> list[Target]:
+    """UNet targets; modules whose (block) rank is 0 are left out."""
     config = dict(unet.config)
+    tables = [t for t in (ranks.block_dims, ranks.conv_block_dims) if t is not None]
+    if tables:
+        count = formats.lora_block_count(family, config)
+        if any(len(t) != count for t in tables):
+            raise ValueError(f"per-block network_args have {len(tables[0])} values but this "
+                             f"UNet has {count} kohya blocks (a non-standard layout?)")
     out = []
-    for path, m in unet_module_paths(unet, include_conv=ranks.conv_dim is not None):
+    for path, m in unet_module_paths(unet, include_conv=ranks.include_conv):
         name = formats.unet_module_to_kohya(path, family, config)
-        if _is_3x3(m):
-            out.append(Target(name, m, ranks.conv_dim, ranks.conv_alpha))
-        else:
-            out.append(Target(name, m, ranks.dim, ranks.alpha))
+        block = formats.lora_block_index(path, family, config) if tables else -1
+        rank, alpha = ranks.for_module(_is_3x3(m), block)
+        if rank:
+            out.append(Target(name, m, rank, alpha))
     return out
 
 
@@ -78,11 +107,15 @@ def find_targets(unet, text_encoders: list, te_prefixes: tuple[str, ...], family
     targets: list[Target] = []
     if train_unet:
         found = unet_targets(unet, family, ranks)
+        if not found and ranks.block_dims is not None:
+            raise ValueError("every UNet block has rank 0 (network_args block_dims, or lr "
+                             "weights of 0): nothing to train in the UNet; set "
+                             "network_train_text_encoder_only = true or give some block a rank")
         if not found:
             raise ValueError("no LoRA targets found in the UNet (looked for Linear/Conv2d "
                              "inside Transformer2DModel blocks"
-                             + (", ResnetBlock2D and Down/Upsample2D" if ranks.conv_dim else "")
-                             + "); is this an SD1.5/SDXL UNet?")
+                             + (", ResnetBlock2D and Down/Upsample2D" if ranks.include_conv
+                                else "") + "); is this an SD1.5/SDXL UNet?")
         targets += found
     if train_text_encoder:
         for te, prefix in zip(text_encoders, te_prefixes):

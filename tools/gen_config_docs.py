@@ -50,6 +50,7 @@ _TYPE_NAMES = {
     "str": "string",
     "tuple": "resolution",
     "dict": "table",
+    "FloatOrPair": "float or [float, float]",
 }
 
 

@@ -1,13 +1,20 @@
 """Build tiny, randomly initialised SD1.5- and SDXL-shaped diffusers pipelines offline.
 
-The models are far too small to draw anything, but they keep the block layout of the real
-architectures (layers per block, down/up block types, >= 2 transformer blocks somewhere,
-conv vs. linear proj_in/proj_out, SDXL's text_time embedding), so LoRA key mapping, loading,
-training and inference code run through the same paths as with real checkpoints.
+The random models draw nothing (`--pretrain` makes one that does), but they keep the block
+layout of the real architectures (layers per block, down/up block types, >= 2 transformer blocks
+somewhere, conv vs. linear proj_in/proj_out, SDXL's text_time embedding), so LoRA key mapping,
+loading, training and inference code run through the same paths as with real checkpoints.
 See DESIGN.md section 6 and LORA_FORMAT.md ("Tiny models that still exercise the real mappings").
 
 Usage:
     python tools/make_tiny_model.py --family sd15 --out models/tiny-sd15 [--seed 0] [--force]
+    python tools/make_tiny_model.py --family sd15 --pretrain --out models/tiny-sd15-pretrained
+    python tools/make_tiny_model.py --family sdxl --out models/tiny-sdxl \
+        --single_file models/tiny-sdxl.safetensors   # also as one A1111/LDM checkpoint
+
+`--pretrain` trains the SD1.5-shaped model on procedurally drawn coloured shapes so it really
+draws (tools/pretrain_tiny.py, docs/TINY_MODEL.md); the committed default model of `make demo`
+is made this way.
 
 Library use:
     from tools.make_tiny_model import build_tiny_model
@@ -23,6 +30,10 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: `tools.` and `library.` import from the repo
+    sys.path.insert(0, str(ROOT))
 
 FAMILIES = ("sd15", "sdxl")
 
@@ -279,13 +290,21 @@ def _build_pipeline(family: str, tokenizer_dir: Path):
     )
 
 
-def _write_pipeline(family: str, folder: Path, seed: int) -> None:
+def _write_pipeline(family: str, folder: Path, seed: int, pretrain: bool = False,
+                    settings=None, device: str = "cpu") -> None:
     import torch
 
     write_tokenizer(folder / "tokenizer")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe = _build_pipeline(family, folder / "tokenizer")
+        if pretrain:
+            from tools.pretrain_tiny import pretrained_pipeline
+            pipe = pretrained_pipeline(folder / "tokenizer", seed, settings, device)
+            # fp16 halves the folder (it is committed); loading with torch_dtype=float32
+            # upcasts exactly, and the trainer always passes a torch_dtype.
+            pipe.unet.to(torch.float16)
+        else:
+            pipe = _build_pipeline(family, folder / "tokenizer")
     # save_pretrained writes model_index.json and every model folder as safetensors; the
     # tokenizer folders are then replaced by the hand-written files, which load in both
     # transformers 4 and 5 and are byte-for-byte reproducible.
@@ -318,8 +337,14 @@ def _prefix_text_model_keys(path: Path) -> None:
 # Public API
 # ---------------------------------------------------------------------------------------------
 def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, *,
-                     force: bool = False) -> Path:
+                     force: bool = False, pretrain: bool = False, pretrain_settings=None,
+                     device: str = "cpu") -> Path:
     """Write a tiny diffusers pipeline of `family` ("sd15" or "sdxl") to `out_dir`.
+
+    `pretrain` (sd15 only) trains it on the shapes world first (tools/pretrain_tiny.py,
+    docs/TINY_MODEL.md), so it draws "a red circle on a blue background" at 32x32;
+    `pretrain_settings` (a `PretrainSettings`) shortens it for tests and `device` ("cuda")
+    speeds up experiments.
 
     The folder is built in a temporary sibling directory and renamed into place, so readers
     never see a half-written model. An existing non-empty `out_dir` is an error unless
@@ -327,6 +352,8 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, *,
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if pretrain and family != "sd15":
+        raise ValueError("--pretrain builds an SD1.5-architecture model only (--family sd15)")
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
@@ -336,7 +363,7 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, *,
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_pipeline(family, tmp, seed)
+        _write_pipeline(family, tmp, seed, pretrain, pretrain_settings, device)
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -350,6 +377,14 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, *,
     return out
 
 
+def write_single_file(model_dir: str | Path, path: str | Path) -> Path:
+    """The diffusers folder `model_dir` as one A1111/LDM-layout `.safetensors` checkpoint.
+    Load it back with `model_config_dir = model_dir` (its configs and tokenizers)."""
+    from library.models.export import save_single_file
+    from library.models.loading import load_components
+    return save_single_file(load_components(str(model_dir)), path)
+
+
 def folder_size(path: str | Path) -> int:
     """Total size in bytes of all files below `path`."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
@@ -361,17 +396,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (diffusers layout)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="train it on the shapes world so it draws (sd15 only, CPU, "
+                             "minutes; docs/TINY_MODEL.md)")
+    parser.add_argument("--single_file", help="also write the model as one LDM-layout "
+                        ".safetensors checkpoint here (load it with model_config_dir = --out)")
     args = parser.parse_args(argv)
     try:
-        out = build_tiny_model(args.family, args.out, seed=args.seed, force=args.force)
-    except FileExistsError as e:
+        out = build_tiny_model(args.family, args.out, seed=args.seed, force=args.force,
+                               pretrain=args.pretrain)
+    except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote tiny {args.family} pipeline (seed {args.seed}) to {out}")
+    kind = "pretrained" if args.pretrain else "random"
+    print(f"wrote {kind} tiny {args.family} pipeline (seed {args.seed}) to {out}")
     for p in sorted(out.rglob("*")):
         if p.is_file():
             print(f"  {p.relative_to(out)}  {p.stat().st_size:,} bytes")
     print(f"total {folder_size(out) / 1e6:.2f} MB")
+    if args.single_file:
+        print(f"wrote single-file checkpoint {write_single_file(out, args.single_file)}")
     return 0
 
 

@@ -22,6 +22,9 @@ class LoadedConfig:
     warnings: tuple[str, ...]
     config_file: str | None
     output_config: str | None
+    # Canonical keys given on the command line (flags or --set): they also override the
+    # kohya dataset_config, which is read later by the data layer (library/data).
+    cli_keys: frozenset[str] = frozenset()
 
 
 def load_config(argv: list[str], *, check_paths: bool = True) -> LoadedConfig:
@@ -43,4 +46,6 @@ def load_config(argv: list[str], *, check_paths: bool = True) -> LoadedConfig:
     validate(cfg, layers, check_paths=check_paths)
     if layers.problems:
         raise ConfigError(layers.problems)
-    return LoadedConfig(cfg, tuple(layers.warnings), config_file, ns.output_config)
+    cli_keys = frozenset(k for k, e in layers.entries.items()
+                         if e.origin.startswith("command line"))
+    return LoadedConfig(cfg, tuple(layers.warnings), config_file, ns.output_config, cli_keys)

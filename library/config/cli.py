@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         for f in fields(cls):
             names = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
             kind, _ = values.base_type(f.type)
-            nargs = "*" if kind == "dict" else "?"
+            nargs = "*" if kind in ("dict", "FloatOrPair") else "?"
             extra = {"const": _FLAG} if nargs == "?" else {}
             group.add_argument(*names, dest=f"key:{f.name}", nargs=nargs, default=None,
                                help=f.metadata["doc"], **extra)

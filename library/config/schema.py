@@ -16,9 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from library.train.optimizers import OPTIMIZER_NAMES
 from library.train.samplers import SAMPLER_NAMES
+from library.train.schedulers import SCHEDULES
 
 CONFIG_VERSION = 1
+
+# A float, or a list of floats (one per text encoder): text_encoder_lr. The name is the key
+# of its converter in library/config/values.py.
+FloatOrPair = Any
 
 
 def opt(default: Any, doc: str, *, aliases: tuple[str, ...] = (), choices: tuple[str, ...] = (),
@@ -34,27 +40,32 @@ def opt(default: Any, doc: str, *, aliases: tuple[str, ...] = (), choices: tuple
 @dataclass(frozen=True)
 class ModelConfig:
     pretrained_model_name_or_path: str = opt(
-        "", "Base model: a diffusers folder (local path). Required.")
-    vae: Optional[str] = opt(None, "Replacement VAE: a diffusers VAE folder or weights file.")
+        "", "Base model: a diffusers folder, a Hugging Face cache folder, a hub id already in "
+        "the local cache, or a single-file `.safetensors` checkpoint (docs/MODELS.md). "
+        "Required.")
+    vae: Optional[str] = opt(None, "Replacement VAE: a diffusers VAE folder, a diffusers-format "
+                             "weights file or an LDM VAE file (docs/MODELS.md).")
     model_family: str = opt("auto", "Model family; `auto` detects it from the model files.",
                             choices=("auto", "sd15", "sdxl"))
     model_config_dir: Optional[str] = opt(
         None, "Diffusers-layout folder whose configs and tokenizers describe a single-file "
-        "checkpoint.", planned=True)
-    tokenizer_dir: Optional[str] = opt(None, "Tokenizer folder for single-file checkpoints.",
-                                       planned=True)
-    allow_pickle: bool = opt(False, "Allow loading `.ckpt` (pickle) checkpoints.", planned=True)
+        "checkpoint (default: the SD1.5/SDXL configs in configs/models/).")
+    tokenizer_dir: Optional[str] = opt(None, "CLIP tokenizer folder (or a diffusers model "
+                                       "folder) for single-file checkpoints.")
+    allow_pickle: bool = opt(False, "Allow `.ckpt` (pickle) checkpoints; read with "
+                             "torch.load(weights_only=True).")
     v_parameterization: bool = opt(False, "Train with v-prediction targets (SD2.x-v style).")
     clip_skip: int = opt(1, "Use the output of the N-th text-encoder layer from the end "
                          "(1 = last layer). SDXL always uses the penultimate layer.", minimum=1)
-    max_token_length: int = opt(75, "Caption length in tokens; 150 and 225 use 75-token "
-                                "chunks.", choices=("75",), planned=True)
-    no_half_vae: bool = opt(False, "Keep the VAE in fp32 under mixed precision.")
+    max_token_length: int = opt(75, "Caption length in tokens; 150 and 225 encode 75-token "
+                                "chunks (kohya).", choices=("75", "150", "225"))
+    no_half_vae: bool = opt(False, "Keep the VAE in fp32 under mixed precision (SDXL's "
+                            "original VAE always is; docs/MODELS.md).")
     xformers: bool = opt(False, "Use xformers memory-efficient attention (GPU extra).",
-                         aliases=("enable_xformers_memory_efficient_attention",), planned=True)
+                         aliases=("enable_xformers_memory_efficient_attention",))
     sdpa: bool = opt(True, "Use torch scaled-dot-product attention (the default).")
-    fp8_base: bool = opt(False, "Store the frozen UNet weights as float8_e4m3fn (GPU).",
-                         planned=True)
+    fp8_base: bool = opt(False, "Store the frozen UNet weights as float8_e4m3fn, computed "
+                         "in the mixed_precision dtype (CUDA only; skipped on CPU).")
 
 
 @dataclass(frozen=True)
@@ -64,8 +75,9 @@ class DatasetConfig:
         "folder with images and `metadata.csv`/`metadata.jsonl`.")
     reg_data_dir: Optional[str] = opt(None, "Regularization images, same layout as "
                                       "train_data_dir.")
-    dataset_config: Optional[str] = opt(None, "kohya dataset TOML ([general]/[[datasets]]).",
-                                        planned=True)
+    dataset_config: Optional[str] = opt(
+        None, "kohya dataset TOML ([general] / [[datasets]] / [[datasets.subsets]]); replaces "
+        "train_data_dir and reg_data_dir. See docs/DATASETS.md.")
     resolution: Optional[tuple] = opt(
         None, "Training resolution as `512`, `\"768,512\"` or `[768, 512]` (width, height); "
         "default is the model family's native size (512 SD1.5, 1024 SDXL).")
@@ -82,8 +94,8 @@ class DatasetConfig:
     bucket_reso_steps: int = opt(64, "Bucket sides are multiples of this (pixels).",
                                  minimum=8)
     bucket_no_upscale: bool = opt(False, "Never upscale small images to a bigger bucket.")
-    center_crop: bool = opt(True, "Without buckets: crop the centre (diffusers "
-                            "`--center_crop`).")
+    center_crop: bool = opt(True, "Crop the centre (diffusers `--center_crop`); false "
+                            "crops at random, like random_crop.")
     random_crop: bool = opt(False, "Crop at a random position instead of the centre.")
     flip_aug: bool = opt(False, "Random horizontal flips.", aliases=("random_flip",))
     shuffle_caption: bool = opt(False, "Shuffle the comma-separated tags of each caption.")
@@ -96,11 +108,29 @@ class DatasetConfig:
                                       "caption.", minimum=0.0)
     caption_tag_dropout_rate: float = opt(0.0, "Probability of dropping each tag.",
                                           minimum=0.0)
+    caption_dropout_every_n_epochs: int = opt(0, "Train every N-th epoch with empty "
+                                              "captions (0 = never).", minimum=0)
+    keep_tokens_separator: str = opt("", "Tags before this separator stay in front (and "
+                                     "after a second one, at the end) when shuffling.")
+    secondary_separator: str = opt("", "Joins tags that shuffle and drop as one; replaced by "
+                                   "caption_separator afterwards.")
+    enable_wildcard: bool = opt(False, "Use every line of a caption file (one picked per "
+                                "sample) and expand {a|b|c} choices.")
+    token_warmup_min: int = opt(1, "Tags used at step 0 of token warmup.", minimum=0)
+    token_warmup_step: float = opt(0.0, "Token warmup length in steps (below 1: a fraction "
+                                   "of the total steps; 0 = off).", minimum=0.0)
+    alpha_mask: bool = opt(False, "Use each image's alpha channel as a loss mask "
+                           "(transparent pixels do not train).")
+    color_aug: bool = opt(False, "kohya's colour augmentation.", planned=True)
     prior_loss_weight: float = opt(1.0, "Loss weight of regularization images.", minimum=0.0)
     cache_latents: bool = opt(False, "Encode every image with the VAE once, before "
-                              "training (disables random crop/flip augmentation).")
-    cache_latents_to_disk: bool = opt(False, "Keep the latent cache on disk beside the "
-                                      "images.", planned=True)
+                              "training (centre crop: random_crop is ignored; flip_aug "
+                              "caches both mirror images).")
+    cache_latents_to_disk: bool = opt(False, "Also keep cached latents on disk (beside each "
+                                      "image, or in cache_dir), keyed by image content, "
+                                      "crop, flip, VAE and dtype; implies cache_latents.")
+    cache_dir: Optional[str] = opt(None, "Folder for the disk caches (default: beside each "
+                                   "image).")
     cache_text_encoder_outputs: bool = opt(False, "Encode every caption once (frozen "
                                            "text encoders, static captions only).")
     vae_batch_size: int = opt(1, "Images per VAE call when caching latents.", minimum=1)
@@ -123,11 +153,53 @@ class TrainingConfig:
                                        "memory.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", minimum=1)
     seed: Optional[int] = opt(None, "Random seed; unset picks one and records it.")
-    noise_offset: float = opt(0.0, "Offset noise strength (0 disables).", minimum=0.0)
+    noise_offset: float = opt(0.0, "Offset noise strength: a per-channel constant of this "
+                              "scale is added to the noise (0 disables; ~0.05-0.1 typical).",
+                              minimum=0.0)
+    noise_offset_random_strength: bool = opt(False, "Draw the offset strength uniformly in "
+                                             "[0, noise_offset] each step.")
+    adaptive_noise_scale: Optional[float] = opt(None, "Add this times |mean of each latent "
+                                                "channel| to noise_offset (needs "
+                                                "noise_offset).")
+    multires_noise_iterations: int = opt(0, "Pyramid (multi-resolution) noise levels (0 "
+                                         "disables; 6-10 typical).", minimum=0)
+    multires_noise_discount: float = opt(0.3, "Weight decay per pyramid-noise level.",
+                                         minimum=0.0)
+    ip_noise_gamma: float = opt(0.0, "Input-perturbation noise strength (0 disables; ~0.1 "
+                                "typical).", minimum=0.0)
+    ip_noise_gamma_random_strength: bool = opt(False, "Draw the input-perturbation "
+                                               "strength uniformly in [0, ip_noise_gamma].")
+    min_timestep: Optional[int] = opt(None, "Smallest training timestep (default 0).",
+                                      minimum=0)
+    max_timestep: Optional[int] = opt(None, "Training timesteps are below this (default "
+                                      "1000, the scheduler's num_train_timesteps).", minimum=1)
     min_snr_gamma: Optional[float] = opt(None, "Min-SNR loss weighting gamma (5 is "
                                          "typical).", aliases=("snr_gamma",), minimum=0.0,
                                          exclusive_min=True)
+    scale_v_pred_loss_like_noise_pred: bool = opt(False, "Weight the v-prediction loss by "
+                                                  "SNR/(SNR+1) (needs v_parameterization).")
+    debiased_estimation_loss: bool = opt(False, "Weight the loss by 1/sqrt(SNR) (debiased "
+                                         "estimation).")
+    zero_terminal_snr: bool = opt(False, "Rescale the noise schedule so the last timestep "
+                                  "is pure noise (meant for v_parameterization).")
+    loss_type: str = opt("l2", "Loss function.", choices=("l2", "l1", "huber", "smooth_l1"))
+    huber_schedule: str = opt("snr", "Timestep schedule of the huber / smooth_l1 threshold.",
+                              choices=("constant", "exponential", "snr"))
+    huber_c: float = opt(0.1, "Huber threshold (its value at the noisiest timestep for the "
+                         "exponential and snr schedules).", minimum=0.0, exclusive_min=True)
+    huber_scale: float = opt(1.0, "Scale of the constant and exponential huber thresholds.",
+                             minimum=0.0, exclusive_min=True)
     dry_run: bool = opt(False, "Check the config and data, print the plan, train nothing.")
+    skip_nan_steps: bool = opt(False, "Skip a batch whose loss is NaN/inf (with a warning) "
+                               "instead of stopping the run.")
+    validation_split: float = opt(0.0, "Fraction of the training images (not reg images) "
+                                  "held out for the validation loss (0 = none).", minimum=0.0)
+    validation_data_dir: Optional[str] = opt(None, "Folder of validation images (same layouts "
+                                             "as train_data_dir).")
+    validate_every_n_steps: Optional[int] = opt(None, "Compute loss/validation every N steps.",
+                                                minimum=1)
+    validate_every_n_epochs: Optional[int] = opt(None, "Compute loss/validation every N "
+                                                 "epochs.", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -140,10 +212,19 @@ class LoraConfig:
         "(scale 1, as the diffusers scripts do; kohya's default is 1).", minimum=0.0,
         exclusive_min=True)
     network_args: dict = opt({}, "Extra network options, as a table or a list of "
-                             "\"key=value\" strings.")
+                             "\"key=value\" strings: conv_dim, conv_alpha, rank_dropout, "
+                             "module_dropout, block_dims, block_alphas, conv_block_dims, "
+                             "conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight, "
+                             "block_lr_zero_threshold, loraplus_lr_ratio, "
+                             "loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio "
+                             "(kohya's meaning; docs/FORMATS.md).")
     network_dropout: Optional[float] = opt(None, "Dropout on the LoRA down-projection "
                                            "output.", minimum=0.0)
-    network_weights: Optional[str] = opt(None, "Start from this LoRA file.", planned=True)
+    network_weights: Optional[str] = opt(
+        None, "Start from this LoRA file (kohya or diffusers layout); its modules and shapes "
+        "must match this run's exactly.")
+    dim_from_weights: bool = opt(False, "Take the LoRA modules, ranks and alphas from "
+                                 "network_weights instead of network_dim / network_args.")
     network_train_unet_only: bool = opt(False, "Train LoRA on the UNet only.")
     network_train_text_encoder_only: bool = opt(False, "Train LoRA on the text encoder(s) "
                                                 "only.")
@@ -151,22 +232,26 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    optimizer_type: str = opt("AdamW", "Optimizer name.",
-                              choices=("AdamW", "AdamW8bit"))
+    optimizer_type: str = opt("AdamW", "Optimizer name (kohya's names, any case); see "
+                              "docs/TRAINING.md.", choices=OPTIMIZER_NAMES)
     optimizer_args: dict = opt({}, "Extra optimizer arguments, as a table or a list of "
-                               "\"key=value\" strings.")
+                               "\"key=value\" strings; each optimizer accepts its own "
+                               "(docs/TRAINING.md).")
     learning_rate: float = opt(1e-4, "Base learning rate.", minimum=0.0, exclusive_min=True)
     unet_lr: Optional[float] = opt(None, "UNet LoRA learning rate (default learning_rate).",
                                    minimum=0.0)
-    text_encoder_lr: Optional[float] = opt(None, "Text-encoder LoRA learning rate (default "
-                                           "learning_rate).", minimum=0.0)
-    lr_scheduler: str = opt("constant", "Learning-rate schedule.",
-                            choices=("constant", "constant_with_warmup", "linear", "cosine",
-                                     "cosine_with_restarts", "polynomial"))
+    text_encoder_lr: Optional[FloatOrPair] = opt(
+        None, "Text-encoder LoRA learning rate (default learning_rate); for SDXL one value "
+        "for both encoders or a list of two (TE1, TE2). 0 freezes them.", minimum=0.0)
+    lr_scheduler: str = opt("constant", "Learning-rate schedule (with warmup, constant "
+                            "means warmup then constant).", choices=SCHEDULES)
     lr_warmup_steps: float = opt(0, "Warmup steps; a value below 1 is a fraction of the "
                                  "total steps.", minimum=0.0)
     lr_scheduler_num_cycles: int = opt(1, "Restarts of cosine_with_restarts.", minimum=1)
     lr_scheduler_power: float = opt(1.0, "Power of the polynomial schedule.")
+    lr_scheduler_min_lr_ratio: Optional[float] = opt(
+        None, "Final learning rate of cosine_with_min_lr, as a fraction of the base rate "
+        "(0.1 typical; required by that schedule).", minimum=0.0)
     max_grad_norm: float = opt(1.0, "Clip the LoRA gradient norm to this (0 disables).",
                                minimum=0.0)
 
@@ -204,10 +289,14 @@ class SavingConfig:
                                             aliases=("checkpointing_steps",), minimum=1)
     save_every_n_epochs: Optional[int] = opt(None, "Save an intermediate LoRA every N "
                                              "epochs.", minimum=1)
-    save_state: bool = opt(False, "Also save optimizer/scheduler/RNG state for resume.",
-                           planned=True)
-    resume: Optional[str] = opt(None, "Resume from this state folder.",
-                                aliases=("resume_from_checkpoint",), planned=True)
+    save_last_n_steps: Optional[int] = opt(None, "Keep only the step saves of the last N "
+                                           "steps.", minimum=1)
+    save_last_n_epochs: Optional[int] = opt(None, "Keep only the last N epoch saves.",
+                                            minimum=1)
+    save_state: bool = opt(False, "Also write a `-state` folder (LoRA fp32 weights, optimizer, "
+                           "scheduler, RNG, position) beside each save, for exact resume.")
+    resume: Optional[str] = opt(None, "Resume exactly from this state folder (written with "
+                                "save_state).", aliases=("resume_from_checkpoint",))
     overwrite: bool = opt(False, "Allow replacing existing outputs of the same name.")
 
 
@@ -215,8 +304,9 @@ class SavingConfig:
 class LoggingConfig:
     logging_dir: Optional[str] = opt(None, "TensorBoard log folder (default "
                                      "<output_dir>/logs).")
-    log_with: str = opt("tensorboard", "Logger.", aliases=("report_to",),
-                        choices=("tensorboard",))
+    log_with: str = opt("tensorboard", "Logger: tensorboard, wandb (needs `pip install "
+                        "wandb`) or all.", aliases=("report_to",),
+                        choices=("tensorboard", "wandb", "all"))
     log_prefix: Optional[str] = opt(None, "Prefix of the TensorBoard run name.")
     log_tracker_name: Optional[str] = opt(None, "Run name (default output_name + time).")
 

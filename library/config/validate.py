@@ -10,6 +10,7 @@ from pathlib import Path
 
 from library.config.loader import Layers, locate
 from library.config.schema import Config
+from library.config.validate_training import check_training_keys
 
 
 def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
@@ -21,6 +22,10 @@ def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
     d, lo = cfg.dataset, cfg.lora
     if check_paths:
         check_path_keys(cfg, layers, ok)
+    check_training_keys(cfg, layers, ok, check_env=check_paths)
+    if lo.dim_from_weights and not lo.network_weights:
+        p.append(f"{locate(layers, 'dim_from_weights')}: needs network_weights (the LoRA "
+                 "file to take the modules, ranks and alphas from)")
     if lo.network_train_unet_only and lo.network_train_text_encoder_only:
         p.append(f"{locate(layers, 'network_train_text_encoder_only')}: contradicts "
                  "network_train_unet_only = true; set at most one of them")
@@ -61,7 +66,11 @@ def check_path_keys(cfg: Config, layers: Layers, ok) -> None:
     if not m.pretrained_model_name_or_path and required and ok("pretrained_model_name_or_path"):
         p.append(f"{locate(layers, 'pretrained_model_name_or_path')}: required; set it to a "
                  "diffusers model folder")
-    if not d.train_data_dir:
+    if d.dataset_config:
+        if not Path(d.dataset_config).is_file():
+            p.append(f"{locate(layers, 'dataset_config')}: file {d.dataset_config!r} not "
+                     "found")
+    elif not d.train_data_dir:
         if required and ok("train_data_dir"):
             p.append(f"{locate(layers, 'train_data_dir')}: required; set it to your image "
                      "folder (N_name class subfolders, or images with metadata.csv)")
@@ -73,5 +82,8 @@ def check_path_keys(cfg: Config, layers: Layers, ok) -> None:
     if cfg.sample.sample_prompts and not Path(cfg.sample.sample_prompts).is_file():
         p.append(f"{locate(layers, 'sample_prompts')}: file {cfg.sample.sample_prompts!r} not "
                  "found")
+    if cfg.lora.network_weights and not Path(cfg.lora.network_weights).is_file():
+        p.append(f"{locate(layers, 'network_weights')}: LoRA file "
+                 f"{cfg.lora.network_weights!r} not found")
     if s.resume and not Path(s.resume).is_dir():
         p.append(f"{locate(layers, 'resume')}: state folder {s.resume!r} not found")

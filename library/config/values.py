@@ -123,8 +123,25 @@ def to_kv_table(v: Any) -> dict:
     raise ValueError(f"expected a table or a list of \"key=value\" strings, got {v!r}")
 
 
+def to_float_or_pair(v: Any) -> float | tuple[float, ...]:
+    """`text_encoder_lr`: one number, or a list of one or two (SDXL: TE1, TE2); kohya's CLI
+    takes `--text_encoder_lr 1e-4 5e-5`, so a list of strings is accepted too."""
+    if isinstance(v, str):
+        v = v.replace(",", " ").split()
+    if isinstance(v, (list, tuple)):
+        if not 1 <= len(v) <= 2:
+            raise ValueError(f"expected one number or a list of two (TE1, TE2), got {v!r}")
+        numbers = [to_float(x) for x in v]
+    else:
+        numbers = [to_float(v)]
+    if any(x < 0 for x in numbers):
+        raise ValueError(f"learning rates must be >= 0, got {v!r}")
+    return numbers[0] if len(numbers) == 1 else tuple(numbers)
+
+
 CONVERTERS = {"bool": to_bool, "int": to_int, "float": to_float, "str": to_str,
-              "tuple": to_resolution, "dict": to_kv_table}
+              "tuple": to_resolution, "dict": to_kv_table,
+              "FloatOrPair": to_float_or_pair}
 
 
 def convert(type_str: str, v: Any) -> Any:

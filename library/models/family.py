@@ -34,10 +34,11 @@ class ModelFamily(Protocol):
     modelspec_architecture: str    # sai modelspec architecture of a LoRA
     pipeline_class: str            # diffusers pipeline class name
 
-    def encode_prompts(self, c: Components, captions: list[str], clip_skip: int = 1
-                       ) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, c: Components, captions: list[str], clip_skip: int = 1,
+                       max_token_length: int = 75) -> dict[str, torch.Tensor]:
         """Text conditioning for a batch of captions: `encoder_hidden_states` and, for SDXL,
-        `pooled`. Every tensor has the batch as its first dim."""
+        `pooled`. Every tensor has the batch as its first dim. `max_token_length` 150/225
+        encodes 75-token chunks (library/models/text_encoding.py)."""
 
     def unet_inputs(self, conditioning: dict[str, torch.Tensor], batch: dict
                     ) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Stable Diffusion 1.x: one CLIP-L text encoder, UNet conditioned on its hidden states."""
 from __future__ import annotations
 
-from library.models.family import Components, final_layer_norm, tokenize
+from library.models.family import Components, final_layer_norm
+from library.models.text_encoding import merge_chunks, tokenize_chunks
 from networks import formats
 
 
@@ -13,16 +14,19 @@ class SD15:
     modelspec_architecture = "stable-diffusion-v1/lora"
     pipeline_class = "StableDiffusionPipeline"
 
-    def encode_prompts(self, c: Components, captions: list[str], clip_skip: int = 1):
+    def encode_prompts(self, c: Components, captions: list[str], clip_skip: int = 1,
+                       max_token_length: int = 75):
         te = c.text_encoders[0]
-        ids = tokenize(c.tokenizers[0], captions).to(te.device)
+        chunks = tokenize_chunks(c.tokenizers[0], captions, max_token_length)
+        n = chunks.shape[1]
+        ids = chunks.reshape(-1, chunks.shape[-1]).to(te.device)
         if clip_skip <= 1:
             hidden = te(ids)[0]
         else:
             # kohya clip_skip=k: the k-th hidden state from the end, through the final norm.
             out = te(ids, output_hidden_states=True)
             hidden = final_layer_norm(te)(out.hidden_states[-clip_skip])
-        return {"encoder_hidden_states": hidden}
+        return {"encoder_hidden_states": merge_chunks(hidden, n)}
 
     def unet_inputs(self, conditioning, batch):
         return {}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from library.models.family import Components, tokenize
+from library.models.family import Components
+from library.models.text_encoding import first_chunk, merge_chunks, tokenize_chunks
 from networks import formats
 
 
@@ -16,17 +17,20 @@ class SDXL:
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     pipeline_class = "StableDiffusionXLPipeline"
 
-    def encode_prompts(self, c: Components, captions: list[str], clip_skip: int = 1):
+    def encode_prompts(self, c: Components, captions: list[str], clip_skip: int = 1,
+                       max_token_length: int = 75):
         # SDXL was trained on the penultimate layer; clip_skip=k moves k-1 layers further.
         layer = -(max(clip_skip, 1) + 1)
         hidden = []
         pooled = None
         for te, tok in zip(c.text_encoders, c.tokenizers):
-            ids = tokenize(tok, captions).to(te.device)
-            out = te(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[layer])
+            chunks = tokenize_chunks(tok, captions, max_token_length)
+            n = chunks.shape[1]
+            out = te(chunks.reshape(-1, chunks.shape[-1]).to(te.device),
+                     output_hidden_states=True)
+            hidden.append(merge_chunks(out.hidden_states[layer], n))
             if hasattr(out, "text_embeds"):
-                pooled = out.text_embeds
+                pooled = first_chunk(out.text_embeds, n)  # kohya: the first chunk's pooling
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "pooled": pooled}
 
     def unet_inputs(self, conditioning, batch):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from networks import formats
+from networks.file_rules import uniform_alphas
 from networks.kohya_file import write_lora
 from networks.lora import LoRANetwork
 
@@ -73,10 +74,39 @@ def build_metadata(cfg, family, *, steps: int, epoch: int, num_images: int,
 
 def save_lora(network: LoRANetwork, path: Path, *, precision: str, layout: str, family: str,
               unet_config: dict, metadata: dict[str, str]) -> Path:
-    """Write the LoRA; `layout` "safetensors" = kohya keys, "diffusers" = peft keys."""
-    tensors = network.kohya_state_dict(SAVE_DTYPES[precision])
+    """Write the LoRA; `layout` "safetensors" = kohya keys, "diffusers" = peft keys.
+
+    Per-module alphas (kohya's block_alphas, or alpha = rank with per-block ranks) are baked
+    into lora_up in fp32 before the cast, leaving one alpha per part (LORA_FORMAT.md)."""
+    tensors = uniform_alphas(network.kohya_state_dict(torch.float32))
+    tensors = {k: v.to(SAVE_DTYPES[precision]).contiguous() for k, v in tensors.items()}
     if layout == "diffusers":
         tensors, _ = formats.kohya_to_peft(tensors, family, unet_config)
         tensors = {k: v.contiguous() for k, v in tensors.items()}
     write_lora(path, tensors, metadata)
     return path
+
+
+def tag_frequency(items) -> dict:
+    """kohya's ss_tag_frequency: per folder, how often each comma-separated tag occurs."""
+    freq: dict[str, dict[str, int]] = {}
+    for it in items:
+        tags = freq.setdefault(it.folder, {})
+        caption = it.caption if isinstance(it.caption, str) else " ".join(it.caption)
+        for tag in (t.strip() for t in caption.split(",")):
+            if tag:
+                tags[tag] = tags.get(tag, 0) + 1
+    return freq
+
+
+def bucket_info(dataset) -> dict:
+    counts: dict[str, int] = {}
+    for b, n in zip(dataset.buckets, dataset.repeats):
+        counts[f"{b[0]}x{b[1]}"] = counts.get(f"{b[0]}x{b[1]}", 0) + n
+    return {"buckets": counts}
+
+
+def fingerprint(cfg) -> str:
+    """Hash of the resolved config, stored in training states to warn on changed resumes."""
+    import hashlib
+    return hashlib.sha256(config_json(cfg).encode()).hexdigest()[:16]

@@ -1,19 +1,110 @@
-"""Learning-rate schedules (through diffusers' `get_scheduler`) and their pure warmup rule."""
+"""Learning-rate schedules as one pure function of the step, plus the torch wrapper.
+
+`lr_factor` is the multiplier of each param group's learning rate at an optimizer step; the
+formulas are those of diffusers' / transformers' `get_scheduler` (which kohya uses), so a
+kohya config gives the same curve. Two optimizers override the configured schedule, as in
+kohya: Adafactor with `relative_step` computes its own step size (the "adafactor" schedule
+only reports it), and schedule-free optimizers run at a constant rate.
+"""
 from __future__ import annotations
+
+import logging
+import math
+
+log = logging.getLogger("tomlora")
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+             "polynomial", "cosine_with_min_lr", "adafactor")
 
 
 def warmup_steps(lr_warmup_steps: float, total_steps: int) -> int:
-    """A value below 1 is a fraction of the total steps; otherwise a step count."""
+    """A value below 1 is a fraction of the total steps (rounded down, as kohya does);
+    otherwise a step count."""
     if 0 < lr_warmup_steps < 1:
-        return int(round(lr_warmup_steps * total_steps))
+        return int(lr_warmup_steps * total_steps)
     return int(lr_warmup_steps)
 
 
+def lr_factor(name: str, step: int, *, total: int, warmup: int = 0, num_cycles: int = 1,
+              power: float = 1.0, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate for the optimizer step `step` (0-based).
+
+    Every schedule but "constant" without warmup ramps linearly from 0 over `warmup` steps;
+    "constant" with warmup means warmup, then constant (kohya accepts it).
+    """
+    if name not in SCHEDULES or name == "adafactor":
+        raise ValueError(f"lr_scheduler {name!r} has no closed form; valid: "
+                         f"{', '.join(SCHEDULES[:-1])}")
+    if step < warmup:
+        return step / max(1, warmup)
+    if name in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if name == "linear":
+        return max(0.0, 1.0 - progress)
+    if name == "cosine":  # half a cosine wave: 1 -> 0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if name == "cosine_with_restarts":  # num_cycles hard restarts back to 1
+        if progress >= 1.0:
+            return 0.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * progress) % 1.0))))
+    if name == "polynomial":  # (1 - progress)^power, down to 0 (diffusers: to 1e-7 absolute)
+        return max(0.0, 1.0 - progress) ** power
+    # cosine_with_min_lr: the cosine, lifted so it ends at min_lr_ratio (transformers)
+    cos = max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+    return cos * (1.0 - min_lr_ratio) + min_lr_ratio
+
+
+def effective_schedule(opt_cfg) -> tuple[str, list[str]]:
+    """(schedule actually used, warnings) for the optimizer section of the config."""
+    from library.train.optimizers import resolve, uses_relative_step
+    name, notes = opt_cfg.lr_scheduler, []
+    spec = resolve(opt_cfg.optimizer_type)
+    if uses_relative_step(opt_cfg.optimizer_type, opt_cfg.optimizer_args):
+        if name != "adafactor":
+            notes.append(f"Adafactor with relative_step computes its own learning rate: "
+                         f"lr_scheduler = \"{name}\" is replaced by the adafactor schedule")
+        if opt_cfg.lr_warmup_steps:
+            notes.append("lr_warmup_steps is ignored with Adafactor's relative_step "
+                         "(use optimizer_args warmup_init = true)")
+        return "adafactor", notes
+    if spec.schedule_free:
+        if name != "constant" or opt_cfg.lr_warmup_steps:
+            notes.append(f"{spec.name} needs no schedule: lr_scheduler and lr_warmup_steps "
+                         "are ignored (use optimizer_args warmup_steps = N)")
+        return "constant", notes
+    return name, notes
+
+
 def make_scheduler(name: str, optimizer, *, total_steps: int, warmup: int, num_cycles: int = 1,
-                   power: float = 1.0):
-    from diffusers.optimization import get_scheduler
-    # kohya accepts warmup with "constant": it means warmup, then constant.
-    if name == "constant" and warmup > 0:
-        name = "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup,
-                         num_training_steps=total_steps, num_cycles=num_cycles, power=power)
+                   power: float = 1.0, min_lr_ratio: float = 0.0, initial_lr: float = 0.0):
+    """A torch LR scheduler stepping `lr_factor`; "adafactor" wraps transformers'
+    AdafactorSchedule, which reports the step size Adafactor computed (initial_lr before
+    the first step)."""
+    if name == "adafactor":
+        from transformers.optimization import Adafactor, AdafactorSchedule
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if not isinstance(inner, Adafactor):
+            raise ValueError("lr_scheduler = \"adafactor\" needs optimizer_type = "
+                             "\"Adafactor\" with relative_step")
+        return AdafactorSchedule(inner, initial_lr)
+    from torch.optim.lr_scheduler import LambdaLR
+    lr_factor(name, 0, total=total_steps, warmup=warmup)  # unknown names fail here, early
+
+    def factor(step: int) -> float:
+        return lr_factor(name, step, total=total_steps, warmup=warmup, num_cycles=num_cycles,
+                         power=power, min_lr_ratio=min_lr_ratio)
+    return LambdaLR(optimizer, factor)
+
+
+def scheduler_from_config(opt_cfg, optimizer, total_steps: int):
+    """The run's LR scheduler from the [optimizer] section (warnings are logged)."""
+    name, notes = effective_schedule(opt_cfg)
+    for note in notes:
+        log.warning(note)
+    return make_scheduler(name, optimizer, total_steps=total_steps,
+                          warmup=warmup_steps(opt_cfg.lr_warmup_steps, total_steps),
+                          num_cycles=opt_cfg.lr_scheduler_num_cycles,
+                          power=opt_cfg.lr_scheduler_power,
+                          min_lr_ratio=opt_cfg.lr_scheduler_min_lr_ratio or 0.0,
+                          initial_lr=opt_cfg.learning_rate)

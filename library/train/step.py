@@ -5,40 +5,88 @@ Shared by train_network.py and the GPU benchmark, so the benchmark times the rea
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
+from library.train import loss as L
 from library.train import noise as N
 
 
 @dataclass(frozen=True)
 class LossSettings:
+    """The [training] noise and loss keys (docs/TRAINING.md), read once per run."""
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
     v_prediction: bool = False
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0
+    ip_noise_gamma_random_strength: bool = False
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    scale_v_pred_loss_like_noise_pred: bool = False
+    debiased_estimation_loss: bool = False
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
 
     @classmethod
     def from_config(cls, cfg) -> "LossSettings":
-        return cls(cfg.training.noise_offset, cfg.training.min_snr_gamma,
-                   cfg.model.v_parameterization)
+        tr = cfg.training
+        return cls(tr.noise_offset, tr.min_snr_gamma, cfg.model.v_parameterization,
+                   **{f.name: getattr(tr, f.name) for f in fields(cls)[3:]})
+
+
+def noisy_latents(scheduler, latents: torch.Tensor, s: LossSettings):
+    """(noise, noisy latents, timesteps) of one batch."""
+    noise = N.make_noise(latents, s.noise_offset, random_strength=s.noise_offset_random_strength,
+                         adaptive_scale=s.adaptive_noise_scale,
+                         multires_iterations=s.multires_noise_iterations,
+                         multires_discount=s.multires_noise_discount)
+    t = N.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps,
+                           latents.device, min_timestep=s.min_timestep,
+                           max_timestep=s.max_timestep)
+    seen = N.perturbed_noise(noise, s.ip_noise_gamma, s.ip_noise_gamma_random_strength) \
+        if s.ip_noise_gamma else noise
+    return noise, scheduler.add_noise(latents, seen, t), t
+
+
+def timestep_weight(scheduler, t: torch.Tensor, s: LossSettings) -> torch.Tensor | float:
+    """Product of the SNR-based per-sample weights in kohya's order (min-SNR, v-scale,
+    debiased); 1.0 when none is on."""
+    weight: torch.Tensor | float = 1.0
+    a = scheduler.alphas_cumprod
+    if s.min_snr_gamma:
+        weight = weight * N.min_snr_weight(a, t, s.min_snr_gamma, s.v_prediction)
+    if s.scale_v_pred_loss_like_noise_pred:
+        weight = weight * N.v_pred_scale_weight(a, t)
+    if s.debiased_estimation_loss:
+        weight = weight * N.debiased_weight(a, t)
+    return weight
 
 
 def diffusion_loss(unet, family, scheduler, latents: torch.Tensor, cond: dict, batch: dict,
                    s: LossSettings, *, weight_dtype: torch.dtype = torch.float32,
                    autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Mean weighted loss of one batch; `batch["loss_weight"]` holds per-sample weights."""
+    """Mean weighted loss of one batch; `batch["loss_weight"]` holds per-sample weights and
+    the optional `batch["alpha_mask"]` per-pixel weights at latent resolution."""
     latents = latents.to(weight_dtype)
-    noise = N.make_noise(latents, s.noise_offset)
-    t = N.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps,
-                           latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)
+    noise, noisy, t = noisy_latents(scheduler, latents, s)
     with autocast():
         pred = unet(noisy, t, cond["encoder_hidden_states"].to(weight_dtype),
                     **family.unet_inputs(cond, batch)).sample
     target = N.training_target(scheduler, latents, noise, t, s.v_prediction)
-    weight = batch["loss_weight"].to(latents.device)
-    if s.min_snr_gamma:
-        weight = weight * N.min_snr_weight(scheduler.alphas_cumprod, t, s.min_snr_gamma,
-                                           s.v_prediction)
-    return (N.per_sample_loss(pred, target) * weight).mean()
+    huber_c = L.huber_threshold(s.huber_schedule, s.huber_c, s.huber_scale, t,
+                                scheduler.config.num_train_timesteps, scheduler.alphas_cumprod) \
+        if s.loss_type in ("huber", "smooth_l1") else None
+    loss = L.elementwise_loss(pred, target, s.loss_type, huber_c)
+    if batch.get("alpha_mask") is not None:
+        # alpha_mask (kohya's masked loss): (B, 1, h, w) at latent size; transparent pixels
+        # add zero, the mean stays over all pixels (not renormalised by the mask's area).
+        loss = loss * batch["alpha_mask"].to(loss.device, loss.dtype)
+    weight = batch["loss_weight"].to(latents.device) * timestep_weight(scheduler, t, s)
+    return (L.reduce_per_sample(loss) * weight).mean()

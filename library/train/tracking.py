@@ -53,3 +53,27 @@ class Tracker:
         if self.writer:
             self.writer.flush()
             self.writer.close()
+
+
+def lr_scalars(optimizer) -> dict[str, float]:
+    """lr/unet, lr/textencoder (lr/textencoder2 for SDXL's second encoder) and, for
+    adaptive optimizers (Prodigy, D-Adaptation), lr/d*lr."""
+    names = {"lora_unet": "lr/unet", "lora_te": "lr/textencoder", "lora_te1": "lr/textencoder",
+             "lora_te2": "lr/textencoder2"}
+    out = {}
+    for g in optimizer.param_groups:
+        name = names.get(str(g.get("name", "")).split("/")[0], f"lr/{g.get('name', 'group')}")
+        out.setdefault(name, g["lr"])
+        if "d" in g:
+            out.setdefault(name.replace("lr/", "lr/d*lr/"), g["d"] * g["lr"])
+    return out
+
+
+def step_scalars(grad_norm, images_done: int, elapsed: float) -> dict[str, float]:
+    import torch
+    out = {"perf/images_per_s": images_done / elapsed if elapsed > 0 else 0.0}
+    if grad_norm is not None:
+        out["grad_norm"] = float(grad_norm)
+    if torch.cuda.is_available():
+        out["perf/peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out

@@ -127,4 +127,4 @@ def test_refused_flags_say_what_to_do(argv, fragment):
 
 
 def test_unsupported_logger_is_an_invalid_choice():
-    assert "expected one of: tensorboard" in only_problem(["--report_to=wandb"])
+    assert "expected one of: tensorboard, wandb, all" in only_problem(["--report_to=mlflow"])

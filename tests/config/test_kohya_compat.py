@@ -117,7 +117,7 @@ def test_args_as_list_of_key_value_strings_are_typed(write):
         network_args = ["conv_dim=4", "conv_alpha=0.5", "dropout=False", "algo=locon",
                         "preset = full"]
         [optimizer_arguments]
-        optimizer_args = ["weight_decay=0.01", "betas=(0.9,0.99)", "decouple=True",
+        optimizer_args = ["weight_decay=0.01", "betas=(0.9,0.99)", "amsgrad=True",
                           "eps=1e-8"]
     """)
     cfg = load(["--config_file", f]).config
@@ -125,7 +125,7 @@ def test_args_as_list_of_key_value_strings_are_typed(write):
                                      "algo": "locon", "preset": "full"}
     assert type(cfg.lora.network_args["conv_dim"]) is int
     assert cfg.optimizer.optimizer_args == {"weight_decay": 0.01, "betas": [0.9, 0.99],
-                                            "decouple": True, "eps": 1e-8}
+                                            "amsgrad": True, "eps": 1e-8}
 
 
 def test_args_as_tables(write):

@@ -1,0 +1,69 @@
+"""Attention kernels and storage precision of the frozen UNet.
+
+- SDPA (torch scaled_dot_product_attention) by default: as fast as xformers on torch 2 and
+  needs nothing extra.
+- `xformers = true`: xformers' memory-efficient attention, when the package is installed
+  (requirements-gpu.txt); checked before any model loads. It is CUDA-only: on a CPU run it
+  falls back to SDPA with a warning, as `mixed_precision` falls back to fp32.
+- `fp8_base = true`: the UNet's Linear/Conv weights are stored as float8_e4m3fn and upcast
+  per layer to the training dtype (bf16 under `mixed_precision = "bf16"`) for each forward,
+  by diffusers' layerwise casting hooks; norms and embeddings stay in the training dtype.
+  Half the UNet weight memory of bf16. CUDA-only; on CPU it is skipped with a warning.
+  It must run before the LoRA attaches: LoRA then calls the hooked forward, so base weights
+  are upcast and the LoRA branch adds on top.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from library.models.errors import ModelLoadError
+
+log = logging.getLogger("tomlora")
+FP8 = torch.float8_e4m3fn
+
+
+def check_xformers(model_cfg) -> None:
+    """Pre-flight: `xformers = true` needs the package."""
+    if model_cfg.xformers and importlib.util.find_spec("xformers") is None:
+        raise ModelLoadError(
+            "xformers: set to true, but the xformers package is not installed. Install it "
+            "on the CUDA machine with `pip install -r requirements-gpu.txt` (or `pip install "
+            "xformers` built for your torch version), or remove the key: PyTorch SDPA, the "
+            "default, is about as fast on torch 2.")
+
+
+def store_fp8(unet, compute_dtype: torch.dtype) -> None:
+    """Frozen UNet weights in float8_e4m3fn, computed in `compute_dtype`."""
+    unet.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype)
+
+
+def configure_attention_and_storage(c, model_cfg, device, weight_dtype: torch.dtype
+                                    ) -> list[str]:
+    """Apply `xformers` / `sdpa` / `fp8_base` to the loaded UNet (on `device` already).
+    Returns what was set up, for the log."""
+    on_gpu = torch.device(device).type == "cuda"
+    done = []
+    use_xformers = model_cfg.xformers
+    if use_xformers:
+        check_xformers(model_cfg)
+        if on_gpu:
+            c.unet.enable_xformers_memory_efficient_attention()
+            done.append("xformers attention")
+        else:
+            log.warning("xformers = true needs a CUDA GPU; using PyTorch SDPA on CPU")
+            use_xformers = False
+    if not use_xformers and model_cfg.sdpa:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+        c.unet.set_attn_processor(AttnProcessor2_0())
+        done.append("SDPA attention")
+    if model_cfg.fp8_base:
+        if on_gpu:
+            store_fp8(c.unet, weight_dtype)
+            done.append(f"UNet weights in float8_e4m3fn, computed in {weight_dtype}")
+        else:
+            log.warning("fp8_base = true needs a CUDA GPU; the UNet keeps its "
+                        f"{weight_dtype} weights on CPU")
+    return done

@@ -1,0 +1,60 @@
+"""Captions longer than CLIP's 77 tokens, by 75-token chunks (kohya's `max_token_length`).
+
+A caption is tokenized to `max_token_length + 2` tokens, cut into chunks of 75, each chunk
+framed as `BOS <75 tokens> EOS/PAD` (77, CLIP's window) and encoded on its own. The hidden
+states are put back together as `BOS state of chunk 1, the 75 inner states of every chunk,
+last state of the last chunk`: 77, 152 or 227 positions. With 75 this is exactly the plain
+77-token encoding. SDXL's pooled embedding comes from the first chunk.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK = 75
+ALLOWED = (75, 150, 225)
+
+
+def chunk_count(max_token_length: int) -> int:
+    if max_token_length not in ALLOWED:
+        raise ValueError(f"max_token_length must be one of {ALLOWED}, got {max_token_length}")
+    return max_token_length // CHUNK
+
+
+def tokenize_chunks(tokenizer, captions: list[str], max_token_length: int = 75
+                    ) -> torch.Tensor:
+    """Token ids [batch, chunks, 77]."""
+    n = chunk_count(max_token_length)
+    window = tokenizer.model_max_length - 2
+    ids = tokenizer(captions, padding="max_length", max_length=window * n + 2,
+                    truncation=True, return_tensors="pt").input_ids
+    if n == 1:
+        return ids[:, None]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    bos, last = ids[:, :1], ids[:, -1:]
+    chunks = []
+    for k in range(n):
+        chunk = torch.cat([bos, ids[:, 1 + k * window: 1 + (k + 1) * window], last], dim=1)
+        if pad != eos:
+            # With a pad token other than EOS (SDXL's second tokenizer) a chunk that ends
+            # mid-caption must still end in EOS, which the pooled output is read from; and an
+            # empty chunk (BOS PAD PAD ...) becomes BOS EOS PAD ..., as CLIP saw in training.
+            cut = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)
+            chunk[cut, -1] = eos
+            chunk[chunk[:, 1] == pad, 1] = eos
+        chunks.append(chunk)
+    return torch.stack(chunks, dim=1)
+
+
+def merge_chunks(hidden: torch.Tensor, n: int) -> torch.Tensor:
+    """[batch * n, 77, D] -> [batch, n * 75 + 2, D] (see the module docstring)."""
+    if n == 1:
+        return hidden
+    b = hidden.shape[0] // n
+    h = hidden.reshape(b, n, hidden.shape[1], hidden.shape[2])
+    inner = h[:, :, 1:-1].reshape(b, -1, hidden.shape[2])
+    return torch.cat([h[:, 0, :1], inner, h[:, -1, -1:]], dim=1)
+
+
+def first_chunk(pooled: torch.Tensor, n: int) -> torch.Tensor:
+    """[batch * n, D] -> [batch, D]: each caption's first chunk."""
+    return pooled.reshape(-1, n, pooled.shape[-1])[:, 0]

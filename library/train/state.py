@@ -1,0 +1,111 @@
+"""Training state for exact resume: LoRA weights (fp32), optimizer, scheduler, RNG, position.
+
+A state folder holds `lora.safetensors` (fp32 master weights, kohya keys), `training.pt`
+(optimizer / scheduler / grad-scaler state dicts and RNG states, loaded with
+`weights_only=False` only from folders we wrote) and `state.json` (step, epoch, batches done
+in the epoch, seed, config fingerprint). It is written to a temporary sibling and swapped in
+by rename, so a crash leaves either the old state or the new one, never a mix.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Position:
+    step: int            # optimizer steps done
+    epoch: int           # 0-based epoch the next batch belongs to
+    batches_done: int    # batches of that epoch already consumed
+    seed: int
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_state(folder: Path, *, network, optimizer, lr_scheduler, scaler, position: Position,
+               fingerprint: str, generators: dict | None = None) -> Path:
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(network.kohya_state_dict(torch.float32), str(tmp / "lora.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_states(),
+                "generators": {k: g.get_state() for k, g in (generators or {}).items()}},
+               tmp / "training.pt")
+    (tmp / "state.json").write_text(json.dumps(
+        {"version": STATE_VERSION, **asdict(position), "config_fingerprint": fingerprint},
+        indent=1))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+    return folder
+
+
+class StateError(Exception):
+    """A state folder that cannot be resumed from."""
+
+
+def read_position(folder: Path) -> tuple[Position, str]:
+    folder = Path(folder)
+    meta = folder / "state.json"
+    if not meta.is_file():
+        raise StateError(f"resume: {folder} is not a tomlora state folder (no state.json); "
+                         "point resume at an <output_name>-state folder written with "
+                         "save_state = true")
+    data = json.loads(meta.read_text())
+    if data.get("version") != STATE_VERSION:
+        raise StateError(f"resume: {meta}: state version {data.get('version')} is not "
+                         f"{STATE_VERSION}")
+    return Position(data["step"], data["epoch"], data["batches_done"], data["seed"]), \
+        data.get("config_fingerprint", "")
+
+
+def load_state(folder: Path, *, network, optimizer, lr_scheduler, scaler,
+               generators: dict | None = None) -> Position:
+    """Restore everything saved by `save_state`; call after the network and optimizer exist
+    (so their construction's RNG draws are overwritten by the saved RNG state)."""
+    folder = Path(folder)
+    position, _ = read_position(folder)
+    network.load_kohya_state_dict(load_file(str(folder / "lora.safetensors")),
+                                  source=str(folder / "lora.safetensors"))
+    blob = torch.load(folder / "training.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    lr_scheduler.load_state_dict(blob["lr_scheduler"])
+    if scaler is not None and blob.get("scaler") is not None:
+        scaler.load_state_dict(blob["scaler"])
+    set_rng_states(blob["rng"])
+    for name, g in (generators or {}).items():
+        if name in blob.get("generators", {}):
+            g.set_state(blob["generators"][name])
+    return position

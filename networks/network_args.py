@@ -1,0 +1,302 @@
+"""`network_args` of `networks.lora`, typed and checked with kohya's meaning.
+
+kohya passes network_args as untyped strings (`"block_dims=2,4,4,..."`); our config loader
+already turns `k=v` strings and TOML tables into Python values, so a list may arrive as a
+TOML array or as one comma-separated string. Everything is checked here, before any model
+loads, and every problem is reported at once naming `network_args`, the key and the fix.
+
+Per-block lists follow sd-scripts `networks/lora.py` (create_network, get_block_dims_and_alphas,
+get_block_lr_weight): 25 blocks for SD1.5 (IN00..IN11, MID, OUT00..OUT11) and 23 for SDXL
+(BASE, IN00..IN08, MID0..2, OUT00..OUT08, OUT); `down_lr_weight` / `up_lr_weight` have 12 (SD1.5)
+or 9 (SDXL) entries or a preset name, `mid_lr_weight` 1 or 3. Blocks whose lr weight is 0 get
+no LoRA modules at all (kohya's remove_block_dims_and_alphas).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from networks.targets import RankSpec
+
+# Length of the per-block lists (block_dims ...) and of the down/up and mid lr-weight lists.
+BLOCK_COUNTS = {"sd15": 25, "sdxl": 23}
+DOWN_UP_COUNTS = {"sd15": 12, "sdxl": 9}
+MID_COUNTS = {"sd15": 1, "sdxl": 3}
+LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+KEYS = {
+    "conv_dim": "rank of the 3x3 convs (LoCon); enables ResNet and sampler targets",
+    "conv_alpha": "alpha of the 3x3 convs (default conv_dim)",
+    "rank_dropout": "probability of dropping each rank of the down output (training only)",
+    "module_dropout": "probability of skipping a whole LoRA module per step (training only)",
+    "block_dims": "rank per UNet block (25 values SD1.5, 23 SDXL)",
+    "block_alphas": "alpha per UNet block",
+    "conv_block_dims": "3x3-conv rank per UNet block",
+    "conv_block_alphas": "3x3-conv alpha per UNet block",
+    "down_lr_weight": "lr weight per down block, or a preset (cosine, sine, linear, "
+                      "reverse_linear, zeros, optionally +offset)",
+    "mid_lr_weight": "lr weight of the mid block(s)",
+    "up_lr_weight": "lr weight per up block, or a preset",
+    "block_lr_zero_threshold": "lr weights at or below this become 0 (block not trained)",
+    "loraplus_lr_ratio": "LoRA+: lora_up learning rate = lr x ratio",
+    "loraplus_unet_lr_ratio": "LoRA+ ratio for the UNet only",
+    "loraplus_text_encoder_lr_ratio": "LoRA+ ratio for the text encoders only",
+}
+# Keys users bring from other trainers, with where they belong instead.
+_ELSEWHERE = {
+    "dropout": "use the [lora] key network_dropout",
+    "algo": "LyCORIS algorithms are not supported; networks.lora is plain LoRA/LoCon",
+    "preset": "LyCORIS presets are not supported; conv_dim enables the ResNet targets",
+}
+
+
+class NetworkArgsError(ValueError):
+    """Bad network_args: every problem, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class NetworkArgs:
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    block_dims: tuple[int, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None
+    conv_block_dims: tuple[int, ...] | None = None
+    conv_block_alphas: tuple[float, ...] | None = None
+    # Full per-block lr weights (25 / 23 values), None when no lr weight was given.
+    lr_weights: tuple[float, ...] | None = None
+    loraplus_unet: float | None = None
+    loraplus_text_encoder: float | None = None
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def per_block(self) -> bool:
+        return any(v is not None for v in (self.block_dims, self.block_alphas,
+                                            self.conv_block_dims, self.conv_block_alphas,
+                                            self.lr_weights))
+
+
+def _numbers(value: Any, kind: type, key: str, empty_as: float | None = None) -> list:
+    """A TOML array, a single number or a comma-separated string -> list of `kind`."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected numbers, got {value!r}")
+    if isinstance(value, (int, float)):
+        items = [value]
+    elif isinstance(value, str):
+        items = [s.strip() for s in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(f"expected a list of numbers, got {value!r}")
+    out = []
+    for item in items:
+        if item == "" and empty_as is not None:  # kohya: "1,,1" leaves a block at 0
+            out.append(kind(empty_as))
+            continue
+        try:
+            number = float(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"{item!r} is not a number") from None
+        if kind is int and not number.is_integer():
+            raise ValueError(f"{item!r} is not a whole number")
+        out.append(kind(number))
+    return out
+
+
+def _preset(name: str, n: int) -> list[float]:
+    """kohya's lr-weight presets over n blocks, shallow to deep, with an optional `+offset`."""
+    base, _, offset = name.partition("+")
+    add = float(offset) if offset else 0.0
+    ramp = [i / (n - 1) for i in range(n)]
+    curves = {
+        "sine": [math.sin(math.pi * r / 2) for r in ramp],
+        "cosine": [math.sin(math.pi * r / 2) for r in reversed(ramp)],
+        "linear": ramp,
+        "reverse_linear": list(reversed(ramp)),
+        "zeros": [0.0] * n,
+    }
+    if base not in curves:
+        raise ValueError(f"unknown preset {base!r}; valid presets: {', '.join(LR_PRESETS)} "
+                         "(optionally with +offset, e.g. sine+0.5), or a list of numbers")
+    return [v + add for v in curves[base]]
+
+
+def parse_network_args(raw: Mapping[str, Any], family: str | None) -> NetworkArgs:
+    """Typed network_args; NetworkArgsError lists every problem. `family` ("sd15"/"sdxl")
+    decides the lengths of the per-block lists; None skips those length checks."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    out: dict[str, Any] = {}
+
+    def bad(key: str, why: str) -> None:
+        problems.append(f"[lora] network_args: {key}: {why}")
+
+    for key in raw:
+        if key not in KEYS:
+            hint = _ELSEWHERE.get(key)
+            close = difflib.get_close_matches(key, list(KEYS), n=1, cutoff=0.6)
+            hint = hint or (f"did you mean {close[0]}?" if close else None)
+            problems.append(f"[lora] network_args: unknown key {key!r}"
+                            + (f" ({hint})" if hint else "")
+                            + f"; valid keys for networks.lora: {', '.join(KEYS)}")
+
+    def number(key: str, *, minimum: float, below: float | None = None, integer=False):
+        if raw.get(key) is None:
+            return None
+        try:
+            values = _numbers(raw[key], int if integer else float, key)
+        except ValueError as e:
+            bad(key, f"{e}; expected one number")
+            return None
+        if len(values) != 1:
+            bad(key, f"expected one number, got {raw[key]!r}")
+            return None
+        v = values[0]
+        if v < minimum or (below is not None and v >= below):
+            rng = f">= {minimum:g}" + (f" and < {below:g}" if below is not None else "")
+            bad(key, f"{v!r} out of range; it must be {rng}")
+            return None
+        return v
+
+    out["conv_dim"] = number("conv_dim", minimum=0, integer=True) or None
+    conv_alpha = number("conv_alpha", minimum=0)
+    if conv_alpha == 0:
+        bad("conv_alpha", "0 is ambiguous (kohya reads it as rank, other loaders as no "
+            "effect); leave it unset for alpha = conv_dim")
+    out["conv_alpha"] = conv_alpha or None
+    out["rank_dropout"] = number("rank_dropout", minimum=0, below=1) or 0.0
+    out["module_dropout"] = number("module_dropout", minimum=0, below=1) or 0.0
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        v = number(key, minimum=0)
+        if v == 0:
+            bad(key, "a ratio of 0 would freeze lora_up; leave it unset for plain LoRA")
+        out[key] = v or None
+    threshold = number("block_lr_zero_threshold", minimum=0) or 0.0
+
+    n = BLOCK_COUNTS.get(family) if family else None
+    for key, kind in (("block_dims", int), ("block_alphas", float), ("conv_block_dims", int),
+                      ("conv_block_alphas", float)):
+        out[key] = None
+        if raw.get(key) is None:
+            continue
+        try:
+            values = _numbers(raw[key], kind, key)
+        except ValueError as e:
+            bad(key, f"{e}; expected {'whole ' if kind is int else ''}numbers separated by "
+                "commas")
+            continue
+        if n is not None and len(values) != n:
+            bad(key, f"has {len(values)} values; {family} needs {n} (kohya's block order: "
+                + ("IN00..IN11, MID, OUT00..OUT11)" if family == "sd15" else
+                   "BASE, IN00..IN08, MID0..MID2, OUT00..OUT08, OUT)"))
+            continue
+        if kind is int and any(v < 0 for v in values):
+            bad(key, "ranks must be >= 0 (0 = no LoRA in that block)")
+        elif kind is float and any(v <= 0 for v in values):
+            bad(key, "alphas must be > 0")
+        out[key] = tuple(values)
+
+    lr_weights = _lr_weights(raw, family, threshold, bad, warnings)
+    if problems:
+        raise NetworkArgsError(problems)
+    return NetworkArgs(
+        conv_dim=out["conv_dim"], conv_alpha=out["conv_alpha"],
+        rank_dropout=out["rank_dropout"], module_dropout=out["module_dropout"],
+        block_dims=out["block_dims"], block_alphas=out["block_alphas"],
+        conv_block_dims=out["conv_block_dims"], conv_block_alphas=out["conv_block_alphas"],
+        lr_weights=lr_weights,
+        loraplus_unet=out["loraplus_unet_lr_ratio"] or out["loraplus_lr_ratio"],
+        loraplus_text_encoder=out["loraplus_text_encoder_lr_ratio"] or out["loraplus_lr_ratio"],
+        warnings=tuple(warnings))
+
+
+def _lr_weights(raw, family, threshold, bad, warnings) -> tuple[float, ...] | None:
+    """kohya's block lr weights as one list indexed by block (None when none was given)."""
+    keys = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+    if all(raw.get(k) is None for k in keys):
+        return None
+    if family is None:  # lengths depend on the family; checked again once it is known
+        for key in keys:
+            v = raw.get(key)
+            if v is not None and not (isinstance(v, str) and v.split("+")[0] in LR_PRESETS):
+                try:
+                    _numbers(v, float, key, empty_as=0.0)
+                except ValueError as e:
+                    bad(key, str(e))
+        return None
+    lists = {}
+    for key, n in (("down_lr_weight", DOWN_UP_COUNTS[family]), ("mid_lr_weight",
+                   MID_COUNTS[family]), ("up_lr_weight", DOWN_UP_COUNTS[family])):
+        v = raw.get(key)
+        if v is None:
+            lists[key] = [1.0] * n
+            continue
+        try:
+            if isinstance(v, str) and "," not in v and key != "mid_lr_weight" and \
+                    not _is_number(v):
+                values = _preset(v.strip(), n)
+            else:
+                values = _numbers(v, float, key, empty_as=0.0)
+        except ValueError as e:
+            bad(key, str(e))
+            continue
+        if len(values) > n:
+            bad(key, f"has {len(values)} values; {family} has {n} "
+                f"{'mid' if key == 'mid_lr_weight' else key.split('_')[0]} blocks")
+            continue
+        if len(values) < n:  # kohya fills the deeper blocks with 1
+            warnings.append(f"network_args: {key} has {len(values)} of {n} values; the "
+                            "rest are 1.0")
+            values = values + [1.0] * (n - len(values))
+        if any(w < 0 for w in values):
+            bad(key, "lr weights must be >= 0")
+            continue
+        lists[key] = [w if w > threshold else 0.0 for w in values]
+    if len(lists) != 3:
+        return None
+    weights = lists["down_lr_weight"] + lists["mid_lr_weight"] + lists["up_lr_weight"]
+    if family == "sdxl":  # BASE (time/label embeddings) and OUT are never weighted
+        weights = [1.0] + weights + [1.0]
+    return tuple(weights)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def rank_spec(args: NetworkArgs, network_dim: int, network_alpha: float | None,
+              family: str) -> RankSpec:
+    """Ranks and alphas of every target: per block when any per-block key is set.
+
+    Unset alphas mean alpha = rank (our convention for network_alpha, applied per block).
+    A block whose lr weight is 0 gets rank 0: no modules there (kohya does the same).
+    """
+    if not args.per_block:
+        return RankSpec(network_dim, network_alpha, args.conv_dim, args.conv_alpha)
+    n = BLOCK_COUNTS[family]
+    dims = list(args.block_dims or [network_dim] * n)
+    alphas = args.block_alphas or (network_alpha,) * n
+    conv_dims = list(args.conv_block_dims) if args.conv_block_dims else \
+        ([args.conv_dim] * n if args.conv_dim else None)
+    conv_alphas = args.conv_block_alphas or (args.conv_alpha,) * n
+    if args.lr_weights is not None:
+        for i, w in enumerate(args.lr_weights):
+            if w == 0:
+                dims[i] = 0
+                if conv_dims is not None:
+                    conv_dims[i] = 0
+    return RankSpec(network_dim, network_alpha, args.conv_dim, args.conv_alpha,
+                    block_dims=tuple(dims), block_alphas=tuple(alphas),
+                    conv_block_dims=tuple(conv_dims) if conv_dims is not None else None,
+                    conv_block_alphas=tuple(conv_alphas) if conv_dims is not None else None)

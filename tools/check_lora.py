@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Inspect a LoRA file: every module's rank, alpha, scale and weight norm, a summary per part,
+modules that never trained, and the rules of the kohya file format it breaks.
+
+    python tools/check_lora.py my_lora.safetensors [--summary] [--family sdxl] [--model DIR]
+
+Per module: part (lora_unet, lora_te, lora_te1, lora_te2), rank, alpha, scale = alpha/rank,
+|up@down| (Frobenius norm) and |delta| = scale * |up@down|. A module whose lora_up is all zeros
+never trained (LoRA starts with lora_up = 0). Rules (docs/FORMATS.md): no extra tensors, whole
+text-encoder layers, lora_te1/lora_te2 on SDXL and lora_te on SD1.5, the right UNet naming,
+4-D tensors on conv targets, one alpha for the Linear/1x1 modules of each part.
+A diffusers/peft file is read as kohya (alpha = rank) and only listed.
+Exit codes: 0 the file follows the rules, 1 it breaks some, 2 it cannot be read.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from networks import file_rules, layouts  # noqa: E402
+from networks.from_file import detect_layout, kohya_state_dict_of  # noqa: E402
+from networks.kohya_file import read_lora  # noqa: E402
+
+
+def module_rows(sd: dict) -> list[dict]:
+    """One row per module with a lora_down and lora_up."""
+    rows = []
+    for stem, t in sorted(file_rules.modules(sd).items()):
+        if "down" not in t or "up" not in t:
+            continue
+        down, up = t["down"].float(), t["up"].float()
+        rank = down.shape[0]
+        alpha = float(t["alpha"].float()) if "alpha" in t else float(rank)
+        norm = float(torch.linalg.matrix_norm(up.flatten(1) @ down.flatten(1)))
+        rows.append({"module": stem, "part": file_rules.part_of(stem) or "?", "rank": rank,
+                     "alpha": alpha, "scale": alpha / rank, "norm": norm,
+                     "delta": alpha / rank * norm, "zero_up": not bool(up.abs().sum() > 0)})
+    return rows
+
+
+def summary(rows: list[dict]) -> list[str]:
+    lines = []
+    parts: dict[str, list[dict]] = {}
+    for r in rows:
+        parts.setdefault(r["part"], []).append(r)
+    for part, rs in parts.items():
+        deltas = [r["delta"] for r in rs]
+        lines.append(
+            f"{part}: {len(rs)} modules, ranks {sorted({r['rank'] for r in rs})}, alphas "
+            f"{sorted({r['alpha'] for r in rs})}, |delta| mean {sum(deltas) / len(deltas):.4g} "
+            f"max {max(deltas):.4g}, never trained {sum(r['zero_up'] for r in rs)}")
+    return lines
+
+
+def check(path: Path, *, family: str | None = None, model: str | None = None,
+          unet_config: str | None = None) -> tuple[list[dict], list[str], list[str], str]:
+    """(rows, rule problems, warnings, family). ValueError when the file cannot be read."""
+    if not path.is_file():
+        raise ValueError("not found")
+    try:
+        sd, metadata = read_lora(path)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"cannot read as safetensors: {e}") from None
+    fam, config = layouts.resolve(sd, metadata, model=model, family=family,
+                                  unet_config=unet_config)
+    try:
+        layout = detect_layout(sd)
+    except ValueError:
+        layout = "kohya"  # a broken kohya file: list what can be read, and its problems
+    problems: list[str] = []
+    if layout == "peft":
+        sd = kohya_state_dict_of(sd, fam, config)
+    else:
+        problems = file_rules.rule_problems(sd, fam, config.get("use_linear_projection"))
+    rows = module_rows(sd)
+    warnings = []
+    zero = [r["module"] for r in rows if r["zero_up"]]
+    if zero:
+        warnings.append(f"{len(zero)} of {len(rows)} modules never trained (lora_up is all "
+                        f"zeros): {zero[:5]}")
+    if layout == "peft":
+        warnings.append("diffusers/peft layout: listed with alpha = rank; convert it with "
+                        "tools/convert_lora.py --to kohya to check the file rules")
+    return rows, problems, warnings, fam
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("file", type=Path)
+    p.add_argument("--summary", action="store_true", help="only the summary per part")
+    p.add_argument("--family", choices=("sd15", "sdxl"))
+    p.add_argument("--model", help="diffusers model folder (its UNet config)")
+    p.add_argument("--unet_config", help="the UNet's config.json")
+    a = p.parse_args(argv)
+    try:
+        rows, problems, warnings, fam = check(a.file, family=a.family, model=a.model,
+                                              unet_config=a.unet_config)
+    except ValueError as e:
+        print(f"check_lora: {a.file}: {e}", file=sys.stderr)
+        return 2
+    if not a.summary:
+        width = max((len(r["module"]) for r in rows), default=10)
+        print(f"{'module':<{width}}  {'rank':>4}  {'alpha':>8}  {'scale':>8}  "
+              f"{'|up@down|':>10}  {'|delta|':>10}")
+        for r in rows:
+            flag = "  never trained" if r["zero_up"] else ""
+            print(f"{r['module']:<{width}}  {r['rank']:>4}  {r['alpha']:>8.4g}  "
+                  f"{r['scale']:>8.4g}  {r['norm']:>10.4g}  {r['delta']:>10.4g}{flag}")
+        print()
+    print(f"{a.file} ({fam}, {len(rows)} modules)")
+    for line in summary(rows):
+        print(f"  {line}")
+    for w in warnings:
+        print(f"warning: {w}")
+    for prob in problems:
+        print(f"RULE BROKEN: {prob}")
+    if problems:
+        print(f"{len(problems)} rule(s) of the kohya LoRA format broken; see docs/FORMATS.md")
+        return 1
+    print("ok: follows the kohya LoRA format rules")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
