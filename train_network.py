@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from library.config import ConfigError, load_config
-from library.config.output import config_to_toml, write_config_toml
+from library.config.output import config_to_dict, config_to_toml, write_config_toml
 from library.data.cache import cache_latents
 from library.data.doctor import describe_plan
 from library.data.prepare import build_group, prepare_data, validation_set
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     if mp != "no" and not torch.cuda.is_available():
         log.warning(f"mixed_precision = \"{mp}\" needs a CUDA GPU; training in fp32 on CPU")
         mp = "no"
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum)
+    # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu` use gloo
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum,
+                              cpu=not torch.cuda.is_available())
     set_seed(seed)
     device, weight_dtype = accelerator.device, DTYPES[mp]
     try:
@@ -200,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     logging_dir = cfg.logging.logging_dir or str(paths["dir"] / "logs")
     tracker = Tracker(run_dir(logging_dir, cfg.saving.output_name, cfg.logging.log_prefix,
                               cfg.logging.log_tracker_name) if is_main else None,
-                      config_to_toml(cfg))
+                      config_to_toml(cfg), cfg.logging.log_with,
+                      cfg.logging.log_tracker_name or "tomlora", config_to_dict(cfg))
     loss_settings = LossSettings.from_config(cfg)
     loss_avg = LossAverage(steps_per_epoch)
     paths["dir"].mkdir(parents=True, exist_ok=True)

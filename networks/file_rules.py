@@ -112,12 +112,11 @@ def rule_problems(sd: Mapping[str, torch.Tensor], family: str,
                        (t["alpha"].dim() != 0 or not float(t["alpha"].float()) > 0))
     if bad_alpha:
         problems.append(f"{len(bad_alpha)} alphas are not a 0-d tensor > 0: {bad_alpha[:5]}")
-    wrong_te = "lora_te_" if family == "sdxl" else ("lora_te1_", "lora_te2_")
+    wrong_te = ("lora_te_",) if family == "sdxl" else ("lora_te1_", "lora_te2_")
     te_bad = sorted(s for s in mods if s.startswith(wrong_te))
     if te_bad:
-        problems.append(f"{len(te_bad)} modules use {'lora_te_' if family == 'sdxl' else 'lora_te1_/lora_te2_'}"
-                        f" on {family} (SDXL needs lora_te1_/lora_te2_, SD1.5 lora_te_): "
-                        f"{te_bad[:3]}")
+        problems.append(f"{len(te_bad)} modules use {'/'.join(wrong_te)} on {family} (SDXL "
+                        f"needs lora_te1_/lora_te2_, SD1.5 lora_te_): {te_bad[:3]}")
     wrong_unet = ("input_blocks", "middle_block", "output_blocks") if family == "sd15" else \
         ("down_blocks", "mid_block", "up_blocks")
     names_bad = sorted(s for s in mods if s.startswith(tuple(f"lora_unet_{w}" for w in wrong_unet)))

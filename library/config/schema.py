@@ -238,8 +238,8 @@ class OptimizerConfig:
                                "\"key=value\" strings; each optimizer accepts its own "
                                "(docs/TRAINING.md).")
     learning_rate: float = opt(1e-4, "Base learning rate.", minimum=0.0, exclusive_min=True)
-    unet_lr: Optional[float] = opt(None, "UNet LoRA learning rate (default learning_rate).",
-                                   minimum=0.0)
+    unet_lr: Optional[float] = opt(None, "UNet LoRA learning rate (default learning_rate); "
+                                   "0 freezes the UNet LoRA.", minimum=0.0)
     text_encoder_lr: Optional[FloatOrPair] = opt(
         None, "Text-encoder LoRA learning rate (default learning_rate); for SDXL one value "
         "for both encoders or a list of two (TE1, TE2). 0 freezes them.", minimum=0.0)

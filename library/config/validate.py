@@ -6,6 +6,7 @@ run's files: required paths and the existence of folders and files.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from library.config.loader import Layers, locate
@@ -52,6 +53,10 @@ def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
         key = "caption_dropout_rate" if d.caption_dropout_rate > 1 else \
             "caption_tag_dropout_rate"
         p.append(f"{locate(layers, key)}: a probability must be between 0 and 1")
+    if check_paths and cfg.logging.log_with in ("wandb", "all") and \
+            importlib.util.find_spec("wandb") is None:
+        p.append(f"{locate(layers, 'log_with')}: {cfg.logging.log_with!r} needs the wandb "
+                 "package: pip install wandb (or use log_with = \"tensorboard\")")
     w = cfg.optimizer.lr_warmup_steps
     if w >= 1 and not float(w).is_integer():
         p.append(f"{locate(layers, 'lr_warmup_steps')}: {w} is neither a whole number of "

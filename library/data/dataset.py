@@ -14,6 +14,7 @@ a group are global: dataset k's items follow dataset k-1's.
 from __future__ import annotations
 
 import random
+import zlib
 
 import cv2
 import numpy as np
@@ -168,6 +169,9 @@ class DataSet:
             "crop_top_left": torch.tensor(sdxl[2:4]),
             "target_size": torch.tensor(sdxl[4:6]),
             "loss_weight": torch.tensor(self.o.prior_loss_weight if item.is_reg else 1.0),
+            # seeds this sample's noise and timestep, so they depend on (seed, epoch, slot)
+            # only: the same with any batch split across processes, and after a resume
+            "sample_seed": torch.tensor(zlib.crc32(f"{self.seed}:{epoch}:{slot}".encode())),
         }
         if cached:
             out["latents"] = self.latent_cache[(idx, flip)]

@@ -55,6 +55,20 @@ def noisy_latents(scheduler, latents: torch.Tensor, s: LossSettings):
     return noise, scheduler.add_noise(latents, seen, t), t
 
 
+def seeded_noisy_latents(scheduler, latents: torch.Tensor, s: LossSettings, seeds):
+    """`noisy_latents` with each sample's randomness drawn from its own seed (the data plan's
+    `sample_seed`), leaving the global RNG untouched; plain `noisy_latents` without seeds."""
+    if seeds is None:
+        return noisy_latents(scheduler, latents, s)
+    devices = [latents.device] if latents.device.type == "cuda" else []
+    parts = []
+    for i, seed in enumerate(seeds.tolist()):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            parts.append(noisy_latents(scheduler, latents[i:i + 1], s))
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
 def timestep_weight(scheduler, t: torch.Tensor, s: LossSettings) -> torch.Tensor | float:
     """Product of the SNR-based per-sample weights in kohya's order (min-SNR, v-scale,
     debiased); 1.0 when none is on."""
@@ -75,7 +89,7 @@ def diffusion_loss(unet, family, scheduler, latents: torch.Tensor, cond: dict, b
     """Mean weighted loss of one batch; `batch["loss_weight"]` holds per-sample weights and
     the optional `batch["alpha_mask"]` per-pixel weights at latent resolution."""
     latents = latents.to(weight_dtype)
-    noise, noisy, t = noisy_latents(scheduler, latents, s)
+    noise, noisy, t = seeded_noisy_latents(scheduler, latents, s, batch.get("sample_seed"))
     with autocast():
         pred = unet(noisy, t, cond["encoder_hidden_states"].to(weight_dtype),
                     **family.unet_inputs(cond, batch)).sample

@@ -27,32 +27,50 @@ def run_dir(logging_dir: str, output_name: str, prefix: str | None, name: str | 
 
 
 class Tracker:
-    """TensorBoard writer on the main process; a no-op elsewhere."""
+    """TensorBoard (and optionally Weights & Biases) on the main process; a no-op elsewhere.
 
-    def __init__(self, directory: Path | None, config_text: str = ""):
+    `log_with`: "tensorboard", "wandb" or "all". wandb is an optional package; the config
+    check asks for it before training starts."""
+
+    def __init__(self, directory: Path | None, config_text: str = "", log_with: str =
+                 "tensorboard", project: str = "tomlora", config: dict | None = None):
         self.writer = None
+        self.wandb = None
         self.directory = directory
-        if directory is not None:
+        if directory is None:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        if log_with in ("tensorboard", "all"):
             from torch.utils.tensorboard import SummaryWriter
-            directory.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(directory))
             if config_text:
                 self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
+        if log_with in ("wandb", "all"):
+            import wandb
+            self.wandb = wandb.init(project=project, name=directory.name, dir=str(directory),
+                                    config=config or {})
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(dict(values), step=step)
 
     def image(self, tag: str, array_hwc_uint8, step: int) -> None:
         """One uint8 HWC image (e.g. a grid of samples) under `tag`."""
         if self.writer:
             self.writer.add_image(tag, array_hwc_uint8, step, dataformats="HWC")
+        if self.wandb:
+            import wandb
+            self.wandb.log({tag: wandb.Image(array_hwc_uint8)}, step=step)
 
     def close(self) -> None:
         if self.writer:
             self.writer.flush()
             self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def lr_scalars(optimizer) -> dict[str, float]:

@@ -67,7 +67,9 @@ def test_load_lora_weights_applies_every_module_and_matches_merge(
     assert_outputs_close(outputs(pipe, family), ours)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+# SDXL only: two text encoders and LDM names; tests/tools/test_generate.py checks the same
+# two weights on SD1.5 (and SDXL) through whole generated images.
+@pytest.mark.parametrize("family", ["sdxl"])
 def test_set_adapters_equals_our_multipliers(family, tiny_sd15_dir, tiny_sdxl_dir, tmp_path):
     pipe = load_pipe(model_dir(family, tiny_sd15_dir, tiny_sdxl_dir))
     a = random_network(pipe, family, RankSpec(4, 2.0), seed=2)

@@ -116,3 +116,12 @@ def test_skip_nan_steps_skips_then_gives_up_after_an_epoch_of_nans(tmp_path, tin
     assert rc == 1
     assert "non-finite loss, batch skipped" in caplog.text
     assert "every batch of a whole epoch" in caplog.text
+
+
+def test_wandb_without_the_package_is_a_config_error(tmp_path, tiny_sd15_dir, data, capsys):
+    import importlib.util
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here; the missing-package message cannot be shown")
+    assert run(tmp_path, tiny_sd15_dir, data, "--max_train_steps", "1",
+               "--log_with", "wandb") == 2
+    assert "pip install wandb" in capsys.readouterr().err
