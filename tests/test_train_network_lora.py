@@ -5,7 +5,7 @@ from __future__ import annotations
 from safetensors.torch import load_file
 
 from networks.network_args import parse_network_args, rank_spec
-from tests.networks.helpers import load_pipe, random_network, save
+from tests.networks.helpers import load_pipe, one_thread, random_network, save  # noqa: F401
 from tests.test_train_e2e import train
 
 ARGS = ["conv_dim=2", "down_lr_weight=sine", "loraplus_lr_ratio=4"]

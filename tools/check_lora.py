@@ -60,8 +60,10 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def check(path: Path, *, family: str | None = None, model: str | None = None,
-          unet_config: str | None = None) -> tuple[list[dict], list[str], list[str], str]:
-    """(rows, rule problems, warnings, family). ValueError when the file cannot be read."""
+          unet_config: str | None = None
+          ) -> tuple[list[dict], list[str], list[str], str, str]:
+    """(rows, rule problems, warnings, family, layout). ValueError when the file cannot be
+    read."""
     if not path.is_file():
         raise ValueError("not found")
     try:
@@ -88,7 +90,7 @@ def check(path: Path, *, family: str | None = None, model: str | None = None,
     if layout == "peft":
         warnings.append("diffusers/peft layout: listed with alpha = rank; convert it with "
                         "tools/convert_lora.py --to kohya to check the file rules")
-    return rows, problems, warnings, fam
+    return rows, problems, warnings, fam, layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet_config", help="the UNet's config.json")
     a = p.parse_args(argv)
     try:
-        rows, problems, warnings, fam = check(a.file, family=a.family, model=a.model,
+        rows, problems, warnings, fam, layout = check(a.file, family=a.family, model=a.model,
                                               unet_config=a.unet_config)
     except ValueError as e:
         print(f"check_lora: {a.file}: {e}", file=sys.stderr)
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"{len(problems)} rule(s) of the kohya LoRA format broken; see docs/FORMATS.md")
         return 1
-    print("ok: follows the kohya LoRA format rules")
+    print("ok: follows the kohya LoRA format rules" if layout == "kohya" else
+          "format rules not checked (diffusers/peft layout)")
     return 0
 
 

@@ -9,8 +9,8 @@ kohya -> diffusers: `unet.<module>.lora_A/lora_B` keys; the peft layout has no a
 alpha/rank is baked into lora_B (every loader then computes the same delta; lora_B of such
 modules is kept in fp32 so nothing rounds away), and the alphas are kept in the metadata key
 `tomlora_alphas` (never `lora_adapter_metadata`, which diffusers would apply on top).
-diffusers -> kohya: alphas come from `tomlora_alphas` when present, so a round trip gives the
-original file back bit for bit; else from `--alpha`, else alpha = rank. An OUT folder gets
+diffusers -> kohya: alphas come from `--alpha` when given, else from `tomlora_alphas`, so a
+round trip gives the original file back bit for bit, else alpha = rank. An OUT folder gets
 `pytorch_lora_weights.safetensors` (diffusers) or the input's name (kohya).
 
 The key maps need the UNet's layout: `--model DIR` (a diffusers folder) or `--family` with the
@@ -66,7 +66,7 @@ def to_diffusers(sd: dict, metadata: dict, family: str, unet_config: dict
 def to_kohya(sd: dict, metadata: dict, family: str, unet_config: dict,
              alpha: float | None = None) -> tuple[dict, dict]:
     meta = {k: v for k, v in metadata.items() if not k.startswith("sshs_") and k != ALPHAS_KEY}
-    if metadata.get(ALPHAS_KEY):
+    if metadata.get(ALPHAS_KEY) and alpha is None:
         try:
             alphas = json.loads(metadata[ALPHAS_KEY])
         except json.JSONDecodeError:

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from library.models.loading import FAMILIES
 from library.train.saving import save_lora
 from networks.lora import LoRANetwork
 from networks.targets import RankSpec, find_targets
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: more threads only spin against each other
+    (a 12 ms Linear instead of microseconds). Import it into a test module to use it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def load_pipe(model_dir: Path):

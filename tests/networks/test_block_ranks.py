@@ -12,8 +12,8 @@ from networks import file_rules
 from networks.lora import LoRANetwork
 from networks.network_args import parse_network_args, rank_spec
 from networks.targets import find_targets
-from tests.networks.helpers import (assert_outputs_close, file_modules, load_pipe, outputs,
-                                    peft_layers, randomise, save)
+from tests.networks.helpers import (assert_outputs_close, file_modules, load_pipe,  # noqa: F401
+                                    one_thread, outputs, peft_layers, randomise, save)
 
 # (diffusers path, kohya key stem without lora_unet_, kohya block index, is a 3x3 conv)
 SD15 = [
@@ -69,7 +69,6 @@ def tables(family):
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_block_ranks_bake_into_a_uniform_alpha_file(family, tiny_sd15_dir, tiny_sdxl_dir,
                                                     tmp_path):
-    torch.set_num_threads(2)
     pipe = load_pipe(tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir)
     raw = tables(family)
     spec = rank_spec(parse_network_args(raw, family), 8, None, family)

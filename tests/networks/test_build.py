@@ -11,7 +11,7 @@ from library.config.schema import Config
 from library.models.loading import FAMILIES
 from networks.build import build_network, load_network_weights, skipped_prefixes
 from networks.network_args import parse_network_args
-from tests.networks.helpers import encoders, load_pipe, randomise, save
+from tests.networks.helpers import encoders, load_pipe, one_thread, randomise, save  # noqa: F401
 
 
 def make_cfg(**lora) -> Config:
@@ -21,7 +21,6 @@ def make_cfg(**lora) -> Config:
 
 @pytest.fixture(scope="module")
 def sd15(tiny_sd15_dir):
-    torch.set_num_threads(2)
     pipe = load_pipe(tiny_sd15_dir)
     return pipe, SimpleNamespace(unet=pipe.unet, text_encoders=encoders(pipe)), FAMILIES["sd15"]
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from library.models.loading import FAMILIES
 from networks.targets import RankSpec
 from tests.networks.helpers import (assert_outputs_close, encoders, file_modules, load_pipe,
-                                    outputs, peft_layers, random_network, save)
+                                    one_thread, outputs, peft_layers, random_network,  # noqa
+                                    save)
 
 KINDS = {  # (train UNet, train text encoders, conv_dim)
     "unet": (True, False, None),
@@ -23,14 +24,6 @@ KINDS = {  # (train UNet, train text encoders, conv_dim)
     "both": (True, True, None),
     "locon": (True, True, 2),
 }
-
-
-@pytest.fixture(autouse=True)
-def few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
 
 
 def model_dir(family, tiny_sd15_dir, tiny_sdxl_dir):

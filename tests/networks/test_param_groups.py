@@ -14,7 +14,7 @@ from networks import formats
 from networks.build import build_network
 from networks.network_args import NetworkArgsError, parse_network_args
 from networks.param_groups import check_config, param_groups, text_encoder_lrs
-from tests.networks.helpers import encoders, load_pipe
+from tests.networks.helpers import encoders, load_pipe, one_thread  # noqa: F401
 
 
 def make_cfg(lora=None, **optimizer) -> Config:
@@ -25,7 +25,6 @@ def make_cfg(lora=None, **optimizer) -> Config:
 
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl_dir):
-    torch.set_num_threads(2)
     pipe = load_pipe(tiny_sdxl_dir)
     return SimpleNamespace(unet=pipe.unet, text_encoders=encoders(pipe)), FAMILIES["sdxl"]
 

@@ -13,7 +13,7 @@ from library.train.saving import config_json
 from networks import file_rules
 from networks.kohya_file import read_lora, write_lora
 from networks.targets import RankSpec
-from tests.networks.helpers import load_pipe, random_network, save
+from tests.networks.helpers import load_pipe, one_thread, random_network, save  # noqa: F401
 from tools import check_lora, convert_lora, show_metadata
 
 
@@ -21,7 +21,6 @@ from tools import check_lora, convert_lora, show_metadata
 def files(tiny_sdxl_dir, tiny_sd15_dir, tmp_path_factory):
     """Our kohya files: SDXL UNet+TEs+LoCon at fp16 (alpha/rank 0.5), SDXL fp32 with
     alpha/rank 0.75, SD1.5 UNet+TE, and an untrained SD1.5 one."""
-    torch.set_num_threads(2)
     d = tmp_path_factory.mktemp("loras")
     xl = load_pipe(tiny_sdxl_dir)
     net = random_network(xl, "sdxl", RankSpec(4, 2.0, 2, 1.0), seed=1)
