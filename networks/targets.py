@@ -3,7 +3,8 @@
 UNet, attention only (default): every nn.Linear / nn.Conv2d inside a Transformer2DModel.
 UNet with `conv_dim` (LoCon): also the convs and time projection of ResnetBlock2D and the
 Downsample2D / Upsample2D convs. Linear and 1x1 convs use network_dim/alpha; 3x3 convs use
-conv_dim/conv_alpha.
+conv_dim/conv_alpha. With kohya's per-block ranks (RankSpec.block_dims ...), each UNet module
+takes the rank and alpha of its kohya block (formats.lora_block_index); rank 0 leaves it out.
 Text encoders: q/k/v/out projections and fc1/fc2 of every CLIP encoder layer, always all six
 per layer (partial layers do not load everywhere; see LORA_FORMAT.md).
 """

@@ -49,26 +49,29 @@ def test_fp8_base_on_cpu_is_skipped_with_a_warning(folder_components, caplog):
     assert all(p.dtype == torch.float32 for p in c.unet.parameters())
 
 
-def test_fp8_storage_computes_in_bf16_under_lora(folder_components):
-    """The library path fp8_base uses on GPU, run on CPU: Linear/Conv weights stored as
-    float8_e4m3fn, upcast per layer; a LoRA attached afterwards wraps the casting forward."""
+def test_fp8_storage_computes_in_bf16_and_trains_a_lora(folder_components):
+    """The path fp8_base takes on GPU, run on CPU: Linear/Conv weights stored as
+    float8_e4m3fn and upcast per layer; a LoRA attached afterwards wraps the upcasting
+    forward, and backward works (it needs the upcast weights, not the stored ones)."""
     c = unet_copy(folder_components)
     unet = c.unet.to(torch.bfloat16)
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    ctx = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ctx = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
     with torch.no_grad():
-        ref = unet(x.bfloat16(), 10, ctx.bfloat16()).sample.float()
-    store_fp8(unet, torch.bfloat16)
+        ref = unet(x, 10, ctx).sample.float()
+    assert store_fp8(unet, torch.bfloat16) > 50
     q = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     assert q.weight.dtype == FP8
+    assert unet.conv_in.weight.dtype == torch.bfloat16 and unet.dtype == torch.bfloat16
     lora = LoRAModule("q", q, rank=2)
     lora.attach()
-    with torch.no_grad():
-        out = unet(x.bfloat16(), 10, ctx.bfloat16()).sample.float()
-    assert q.weight.dtype == FP8  # back to storage after the forward
+    out = unet(x, 10, ctx).sample.float()
+    out.square().mean().backward()
     assert torch.isfinite(out).all()
+    assert lora.lora_up.weight.grad is not None and lora.lora_up.weight.grad.abs().sum() > 0
+    assert q.weight.dtype == FP8 and q.weight.grad is None
     # fp8 rounding only (e4m3 keeps 3 mantissa bits); the zero-init LoRA adds nothing
-    assert (out - ref).abs().mean() < 0.1 * ref.abs().mean()
+    assert (out.detach() - ref).abs().mean() < 0.1 * ref.abs().mean()
     lora.detach()
 
 
@@ -81,6 +84,12 @@ def test_on_gpu(folder_components):
     assert any("float8" in n for n in notes)
     q = c.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     assert q.weight.dtype == FP8
-    x = torch.randn(1, 4, 8, 8, device="cuda", dtype=torch.bfloat16)
-    ctx = torch.randn(1, 77, 32, device="cuda", dtype=torch.bfloat16)
-    assert torch.isfinite(c.unet(x, 10, ctx).sample).all()
+    lora = LoRAModule("q", q, rank=2).to("cuda")
+    lora.attach()
+    x = torch.randn(1, 4, 8, 8, device="cuda")
+    ctx = torch.randn(1, 77, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as accelerate trains in bf16
+        out = c.unet(x, 10, ctx).sample
+    out.float().square().mean().backward()
+    assert torch.isfinite(out).all() and lora.lora_up.weight.grad.abs().sum() > 0
+    lora.detach()

@@ -110,3 +110,12 @@ def test_ldm_names_and_round_trip(full_size):
         back = convert_open_clip_checkpoint(te2, {prefix + k: v for k, v in ldm_te2.items()},
                                             prefix=prefix)
         assert shapes(back) == shapes(te2.state_dict())
+
+
+def test_make_tiny_model_single_file_option(tmp_path):
+    from library.models.loading import detect_family
+    from tools.make_tiny_model import main
+    out = tmp_path / "tiny.safetensors"
+    assert main(["--family", "sd15", "--out", str(tmp_path / "m"), "--single_file",
+                 str(out)]) == 0
+    assert detect_family(out).name == "sd15"
