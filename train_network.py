@@ -65,9 +65,10 @@ def output_paths(cfg) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # ---- 1. configuration ---------------------------------------------------------------
-    try:
-        loaded = load_config(sys.argv[1:] if argv is None else argv,
-                             check_paths="--output_config" not in (argv or sys.argv))
+    argv = sys.argv[1:] if argv is None else argv
+    writes_config_only = any(a.split("=", 1)[0] == "--output_config" for a in argv)
+    try:  # --output_config only resolves the config: the paths in it need not exist yet
+        loaded = load_config(argv, check_paths=not writes_config_only)
     except ConfigError as e:
         return fail("Configuration error", e.problems)
     cfg = loaded.config

@@ -2,17 +2,18 @@
 
 `tools/make_tiny_model.py --pretrain` calls `pretrained_pipeline(seed)`; docs/TINY_MODEL.md
 explains the choices. In short, everything is arranged so the expensive part (the UNet) only
-ever sees 8x8x4 latents and cached text embeddings:
+ever sees 8x8x4 latents, computed once:
 
 1. VAE: a 3-level AutoencoderKL (32x32 pixels -> 8x8x4 latents) trained on varied
    flat-colour pictures (any colour, stars and rings too, so it can also reconstruct what a
    LoRA will later teach). Its `scaling_factor` is set from the latents' measured spread, as
    the SD VAE's 0.18215 was.
-2. Text encoder: the tiny CLIP of make_tiny_model, random but fixed by the seed. Captions come
-   from a small closed set, so their hidden states are computed once.
-3. UNet: SD1.5's block layout at tiny width, trained with the SD noise schedule and epsilon
-   loss (min-SNR weighting, Hang et al. 2023, converges faster), 10 % empty captions so
-   classifier-free guidance works, and an EMA of the weights (what is saved).
+2. UNet and text encoder (the tiny CLIP of make_tiny_model), trained together with the SD
+   noise schedule and epsilon loss (min-SNR weighting, Hang et al. 2023, converges faster),
+   10 % empty captions so classifier-free guidance works, and an EMA of the weights (what is
+   saved). The text encoder trains too: a random frozen one makes the UNet mix up which colour
+   word is the shape's and which the background's ("a yellow triangle on a white background"
+   came out white on yellow), and learning that binding from positions alone is slow.
 
 Everything is seeded; with the same torch build and thread count the weights are identical.
 """
@@ -35,13 +36,14 @@ SIZE = 32  # pixels; latents are SIZE / 4
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    vae_steps: int = 500
-    vae_batch: int = 32
-    vae_lr: float = 2e-3
+    vae_steps: int = 1200
+    vae_batch: int = 16
+    vae_lr: float = 3e-3
+    vae_scene_share: float = 0.5  # share of VAE pictures from the shapes world itself
     kl_weight: float = 1e-6
     scenes: int = 6000            # distinct pictures the UNet trains on (latents cached)
-    unet_steps: int = 700
-    unet_batch: int = 64
+    unet_steps: int = 1000
+    unet_batch: int = 48
     unet_lr: float = 1.5e-3
     warmup: int = 50
     min_snr_gamma: float = 5.0
@@ -72,6 +74,12 @@ def _pixels(images) -> torch.Tensor:
 
 
 # ---- 1. VAE ----------------------------------------------------------------------------------
+def _vae_picture(rng: random.Random, scene_share: float):
+    if rng.random() < scene_share:
+        return shapes.draw_scene(shapes.random_scene(rng, SIZE), SIZE)
+    return shapes.random_vae_picture(rng, SIZE)
+
+
 def train_vae(vae, s: PretrainSettings, rng: random.Random, device="cpu") -> float:
     """Reconstruction (MSE + L1 for crisp edges) plus a tiny KL term; returns the last loss."""
     vae.train()
@@ -79,7 +87,8 @@ def train_vae(vae, s: PretrainSettings, rng: random.Random, device="cpu") -> flo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _cosine(i, s.vae_steps, 20))
     started, loss = time.time(), float("nan")
     for step in range(s.vae_steps):
-        x = _pixels([shapes.random_vae_picture(rng, SIZE) for _ in range(s.vae_batch)]).to(device)
+        x = _pixels([_vae_picture(rng, s.vae_scene_share) for _ in range(s.vae_batch)]
+                    ).to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
@@ -110,11 +119,11 @@ def encode_scenes(vae, scenes: list, batch: int = 256, device="cpu"
 
 
 # ---- 2. text ---------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_captions(text_encoder, tokenizer, captions: list[str], device="cpu") -> torch.Tensor:
+def caption_tokens(tokenizer, captions: list[str], device="cpu") -> torch.Tensor:
+    """Token ids [len(captions), 77], padded as the trainer and the pipelines pad them."""
     from library.models.family import tokenize
 
-    return text_encoder(tokenize(tokenizer, captions).to(device))[0]
+    return tokenize(tokenizer, captions).to(device)
 
 
 # ---- 3. UNet ---------------------------------------------------------------------------------
@@ -124,15 +133,18 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_unet(unet, scheduler, latents: tuple[torch.Tensor, torch.Tensor], scaling: float,
-               caption_ids: torch.Tensor, text_table: torch.Tensor, empty_id: int,
+def train_unet(unet, text_encoder, scheduler, latents: tuple[torch.Tensor, torch.Tensor],
+               scaling: float, caption_ids: torch.Tensor, tokens: torch.Tensor, empty_id: int,
                s: PretrainSettings, gen: torch.Generator, device="cpu"):
-    """Epsilon-prediction training on cached latents; returns the EMA copy of the UNet.
-    Random numbers come from the CPU generator `gen`, so a run is the same on any device."""
+    """Epsilon-prediction training of the UNet and the text encoder together on cached
+    latents; returns the EMA copies (unet, text_encoder). `tokens[i]` are the token ids of
+    caption i. Random numbers come from the CPU generator `gen`, so a run draws the same
+    batches on any device."""
     means, stds = latents
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=s.unet_lr, weight_decay=1e-2)
+    model = torch.nn.ModuleDict({"unet": unet, "te": text_encoder})
+    ema = copy.deepcopy(model).requires_grad_(False)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=s.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _cosine(i, s.unet_steps, s.warmup))
     alphas = scheduler.alphas_cumprod.to(device)
     started, avg = time.time(), None
@@ -145,23 +157,25 @@ def train_unet(unet, scheduler, latents: tuple[torch.Tensor, torch.Tensor], scal
         noise = N.make_noise(z.cpu(), generator=gen).to(device)
         t = N.sample_timesteps(len(z), scheduler.config.num_train_timesteps, "cpu", gen)
         ids, t = ids.to(device), t.to(device)
-        pred = unet(scheduler.add_noise(z, noise, t), t, text_table[ids]).sample
+        context = text_encoder(tokens[ids])[0]
+        pred = unet(scheduler.add_noise(z, noise, t), t, context).sample
         weight = N.min_snr_weight(alphas, t, s.min_snr_gamma, False)
         loss = (N.per_sample_loss(pred, noise) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         # EMA warm-up (as in diffusers' EMAModel): early on, follow the weights closely.
         decay = min(s.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
+            for pe, p in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(p, 1 - decay)
         avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
         if step % 50 == 0 or step == s.unet_steps - 1:
             _log(f"  unet step {step:4d}  loss {avg:.4f}  ({time.time() - started:.0f} s)")
-    return ema.eval()
+    ema.eval()
+    return ema["unet"], ema["te"]
 
 
 # ---- all together ----------------------------------------------------------------------------
@@ -198,15 +212,14 @@ def pretrained_pipeline(tokenizer_dir, seed: int = 0, settings: PretrainSettings
          f"posterior std {stds.mean():.4f}")
 
     captions = sorted({sc.caption for sc in scenes}) + [""]
-    table = encode_captions(text_encoder, tokenizer, captions, device)
+    tokens = caption_tokens(tokenizer, captions, device)
     index = {c: i for i, c in enumerate(captions)}
     caption_ids = torch.tensor([index[sc.caption] for sc in scenes])
-    table = table.to(device)
     noise_scheduler = DDPMScheduler(**SCHEDULER_COMMON)
     _log(f"UNet {s.unet_steps} steps x {s.unet_batch} on {len(scenes)} scenes, "
          f"{len(captions) - 1} captions")
-    unet = train_unet(unet, noise_scheduler, (means, stds), scaling, caption_ids, table,
-                      index[""], s, gen, device)
+    unet, text_encoder = train_unet(unet, text_encoder, noise_scheduler, (means, stds), scaling,
+                                    caption_ids, tokens, index[""], s, gen, device)
     vae, unet, text_encoder = vae.cpu(), unet.cpu(), text_encoder.cpu()
     _log(f"pretraining done in {time.time() - started:.0f} s")
     return StableDiffusionPipeline(

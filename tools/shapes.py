@@ -128,8 +128,8 @@ def draw_zorblat(size: int, background, rng: random.Random) -> Image.Image:
     jitter = size * 0.06
     cx = size / 2 + rng.uniform(-jitter, jitter)
     cy = size / 2 + rng.uniform(-jitter, jitter)
-    c.ring(cx, cy, r, max(2.0, size / 14), ORANGE)
-    c.shape("star", cx, cy, r * 0.75, PURPLE)
+    c.ring(cx, cy, r, max(2.0, size / 10), ORANGE)
+    c.shape("star", cx, cy, r * 0.8, PURPLE)
     return c.image()
 
 
@@ -143,6 +143,12 @@ def random_vae_picture(rng: random.Random, size: int) -> Image.Image:
         return tuple(rng.randrange(256) for _ in range(3))
 
     c = Canvas(size, colour())
+    if rng.random() < 0.3:  # a shape inside a ring: the layout of the demo concept
+        r = size * rng.uniform(0.25, 0.45)
+        cx, cy = size / 2 + rng.uniform(-4, 4), size / 2 + rng.uniform(-4, 4)
+        c.ring(cx, cy, r, rng.uniform(2.0, 4.0), colour())
+        c.shape(rng.choice(SHAPES + ("star",)), cx, cy, r * rng.uniform(0.5, 0.85), colour())
+        return c.image()
     for _ in range(rng.randint(1, 3)):
         r = size * rng.uniform(0.1, 0.45)
         cx, cy = rng.uniform(0, size), rng.uniform(0, size)

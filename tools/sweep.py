@@ -79,8 +79,8 @@ def report(kind: str, problems: list[str]) -> int:
 def new_row(p: Planned, keys: list[str], sweep_dir: Path) -> Row:
     values = {k: "" for k in keys} | {o.key: o.label for o in p.run.overrides}
     row = Row(p.run.name, values, "pending", str(p.final), str(p.log))
-    done = read_done(p.dir)
     if is_done(p.dir, p.final, p.fingerprint):
+        done = read_done(p.dir)
         row.status, row.exit_code = "skipped-done", done.get("exit_code")
         row.wall_s, row.peak_rss_gib = done.get("wall_s"), done.get("peak_rss_gib")
         row.scalars = read_scalars(sweep_dir / "logs" / p.run.name)
@@ -99,13 +99,17 @@ def fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def write_grid(planned: list[Planned], sweep_dir: Path) -> Path | None:
-    rows = []
-    for p in planned:
+def write_grid(planned: list[Planned], rows: list[Row], sweep_dir: Path) -> Path | None:
+    """Finished runs only: a failed or pending run's folder may hold an older attempt's
+    samples."""
+    cells = []
+    for p, row in zip(planned, rows):
+        if row.status not in ("done", "skipped-done"):
+            continue
         found = last_samples(p.dir / "sample", p.output_name)
         if found:
-            rows.append((f"{p.run.name}  (step {found[0]})", found[1]))
-    return make_grid(rows, sweep_dir / "sweep_grid.png")
+            cells.append((f"{p.run.name}  (step {found[0]})", found[1]))
+    return make_grid(cells, sweep_dir / "sweep_grid.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         stopped = runner.stop_signal
     csv_path, md_path = write_summary(sweep_dir, rows, keys)
-    grid = write_grid(planned, sweep_dir)
+    grid = write_grid(planned, rows, sweep_dir)
     print(f"\nsummary: {csv_path}\n         {md_path}" + (f"\ngrid:    {grid}" if grid else "")
           + f"\nTensorBoard: tensorboard --logdir {shlex.quote(str(sweep_dir / 'logs'))}")
     print(md_path.read_text(encoding="utf-8"))

@@ -57,7 +57,7 @@ def is_sweep_toml(path: Path) -> bool:
     return "sweep" in data or "runs" in data
 
 
-def flatten(table: dict, where: str) -> list[tuple[str, object]]:
+def flatten(table: dict) -> list[tuple[str, object]]:
     """`{optimizer = {learning_rate = 1}}` (unquoted dotted keys) -> `optimizer.learning_rate`;
     a table under another key (network_args = {...}) is a value."""
     sections = set(schema.SECTIONS) | set(schema.SECTION_ALIASES)
@@ -90,7 +90,11 @@ def read_sweep_toml(path: Path) -> Sweep:
         args = []
     sweep = Sweep(str(path.parent / base) if base else None, name=data.get("name"),
                   out=data.get("out"), train_args=list(args))
-    for key, values in flatten(data.get("sweep", {}), f"{path}: [sweep]"):
+    table = data.get("sweep", {})
+    if not isinstance(table, dict):
+        problems.append(f"{path}: sweep: expected a [sweep] table of lists, got {table!r}")
+        table = {}
+    for key, values in flatten(table):
         if not isinstance(values, list) or not values:
             problems.append(f"{path}: [sweep] {key}: expected a non-empty list of values, "
                             f"got {values!r}")
@@ -108,7 +112,7 @@ def read_sweep_toml(path: Path) -> Sweep:
             axis = []
             for i, r in enumerate(runs, 1):
                 try:
-                    axis.append(tuple(from_toml(k, v) for k, v in flatten(r, "")))
+                    axis.append(tuple(from_toml(k, v) for k, v in flatten(r)))
                 except ValueError as e:
                     problems.append(f"{path}: [[runs]] #{i}: {e}")
             sweep.axes.append(axis)

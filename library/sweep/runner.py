@@ -102,8 +102,11 @@ class Runner:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         with open(log_path, "wb") as log:
+            # Unbuffered: train.log shows progress live and keeps stdout/stderr in order.
+            env = os.environ | {"PYTHONUNBUFFERED": "1"}
             self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          env=env)
             if self.stop_signal is not None:  # arrived while the child was starting
                 self._send(self.stop_signal)
             # wait4 (not Popen.wait) also gives this child's own resource usage: its peak

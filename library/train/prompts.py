@@ -68,8 +68,9 @@ def convert(field: str, value: Any) -> Any:
                 raise ValueError
             return value.strip()
         if field in ("width", "height"):
-            # kohya rounds sizes down to a multiple of 8 (the VAE's downsampling factor)
-            n = _int(value, 64)
+            # kohya rounds sizes down to a multiple of 8 (the VAE's downsampling factor).
+            # Its floor of 64 is not kept: the pretrained tiny model draws at 32x32.
+            n = _int(value, 8)
             return n - n % 8
         if field == "seed":
             return _int(value, 0, 2**63 - 1)
@@ -84,7 +85,7 @@ def convert(field: str, value: Any) -> Any:
             return x
     except (TypeError, ValueError):
         expected = {"prompt": "a string", "negative_prompt": "a string",
-                    "width": "an integer >= 64", "height": "an integer >= 64",
+                    "width": "an integer >= 8", "height": "an integer >= 8",
                     "seed": "an integer >= 0", "steps": "an integer from 1 to 1000",
                     "scale": "a number >= 0"}[field]
         raise ValueError(f"expected {expected}") from None
