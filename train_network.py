@@ -35,6 +35,7 @@ from library.train.distributed import average_gradients, loss_share, shard
 from library.train.saving import bucket_info, build_metadata, fingerprint, save_lora, tag_frequency
 from library.train.noise import apply_zero_terminal_snr
 from library.train.schedulers import scheduler_from_config
+from library.train.speed import configure_speed, step_begin
 from library.train.step import LossSettings, diffusion_loss
 from library.train.state import Position, StateError, load_state, read_position, save_state
 from library.train.tracking import LossAverage, Tracker, lr_scalars, run_dir, step_scalars
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return fail("LoRA network error", [str(e)])
     network.attach().train()
+    for note in configure_speed(c.unet, cfg.training):  # channels_last, compile (after attach)
+        log.info(note)
     log.info(f"LoRA on {len(network)} modules: " + ", ".join(
         f"{k} {len(v)}" for k, v in network.parts().items()))
     optimizer = make_optimizer(cfg.optimizer.optimizer_type, groups,
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 slot += len(global_batch)
                 latents = batch["latents"].to(device) if "latents" in batch else \
                     latents_of.sample(batch["pixels"])
+                step_begin(cfg.training)  # CUDA graphs: the last step's outputs are free
                 with torch.set_grad_enabled(train_te):
                     cond = conditioning(batch["captions"])
                 loss = diffusion_loss(c.unet, family, c.noise_scheduler, latents, cond, batch,

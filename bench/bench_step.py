@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -59,11 +60,11 @@ PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: smoke test of the script only
 
 
-def build_unet(family: str):
+def build_unet(family: str, dtype=torch.bfloat16):
     from diffusers import UNet2DConditionModel
     with torch.device(DEVICE):
         unet = UNet2DConditionModel.from_config(SD15_UNET if family == "sd15" else SDXL_UNET)
-    unet.to(torch.bfloat16).requires_grad_(False)
+    unet.to(dtype).requires_grad_(False)
     from diffusers.models.attention_processor import AttnProcessor2_0
     unet.set_attn_processor(AttnProcessor2_0())
     return unet
@@ -74,7 +75,8 @@ def make_batch(family: str, reso: int, b: int):
     lat = torch.randn(b, 4, reso // 8, reso // 8, device=DEVICE, generator=g)
     ctx = torch.randn(b, 77, 768 if family == "sd15" else 2048, device=DEVICE, generator=g)
     cond = {"encoder_hidden_states": ctx}
-    batch = {"loss_weight": torch.ones(b, device=DEVICE)}
+    # per-sample noise seeds, as the trainer's collate gives them (library/data/dataset.py)
+    batch = {"loss_weight": torch.ones(b, device=DEVICE), "sample_seed": torch.arange(b)}
     if family == "sdxl":
         cond["pooled"] = torch.randn(b, 1280, device=DEVICE, generator=g)
         sizes = torch.tensor([[reso, reso]] * b)
@@ -121,24 +123,53 @@ def reference_setup(family: str, rank: int):
     return unet, step, len(params) // 2
 
 
-def ours_setup(family: str, rank: int):
+VARIANTS = {  # name -> the [training] / [model] / [optimizer] settings of train_network.py
+    "ours": {},
+    "ours+compile": {"compile": True},
+    "ours+compile+cl": {"compile": True, "channels_last": True},
+    "ours+compile-cg": {"compile": True, "compile_mode": "reduce-overhead"},
+    "lowmem": {"gradient_checkpointing": True, "fp8_base": True, "optimizer": "AdamW8bit"},
+    "lowmem+compile": {"gradient_checkpointing": True, "fp8_base": True,
+                       "optimizer": "AdamW8bit", "compile": True},
+    "ours+gc": {"gradient_checkpointing": True},
+}
+
+
+def ours_setup(family: str, rank: int, variant: str = "ours", dtype=torch.bfloat16):
+    """Our step, set up with the functions train_network.py calls, in its order: storage
+    (fp8_base) -> LoRA attach -> speed toggles (channels_last, compile) -> optimizer."""
+    from types import SimpleNamespace
+
+    from library.models.attention import store_fp8
     from library.models.loading import FAMILIES
     from library.train.optimizers import make_optimizer
+    from library.train.speed import configure_speed, step_begin
     from library.train.step import LossSettings, diffusion_loss
     from networks.lora import LoRANetwork
     from networks.targets import RankSpec, find_targets
+    v = VARIANTS[variant]
     fam = FAMILIES[family]
-    unet = build_unet(family)
+    unet = build_unet(family, dtype)
+    if v.get("gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
+    if v.get("fp8_base"):
+        store_fp8(unet, dtype)
     net = LoRANetwork(find_targets(unet, [], (), family, RankSpec(rank, rank),
                                    train_unet=True, train_text_encoder=False)).to(DEVICE).attach()
+    speed = SimpleNamespace(compile=v.get("compile", False),
+                            compile_mode=v.get("compile_mode", "default"),
+                            channels_last=v.get("channels_last", False))
+    configure_speed(unet, speed)
     params = list(net.parameters())
-    opt = make_optimizer("AdamW", [{"params": params}], 1e-4, {})
+    opt = make_optimizer(v.get("optimizer", "AdamW"), [{"params": params}], 1e-4, {})
     sched = scheduler()
     settings = LossSettings()
+    ac = autocast if dtype != torch.float32 else contextlib.nullcontext
 
     def step(lat, cond, batch):
+        step_begin(speed)
         loss = diffusion_loss(unet, fam, sched, lat, cond, batch, settings,
-                              weight_dtype=torch.bfloat16, autocast=autocast)
+                              weight_dtype=dtype, autocast=ac)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -174,14 +205,39 @@ def step_flops(step, lat, cond, batch) -> float:
     return float(fc.get_total_flops())
 
 
-def run(kind: str, workload: str, rank: int, steps: int, warmup: int, peak: float) -> dict:
+def setup(kind: str, family: str, rank: int, dtype=torch.bfloat16):
+    torch._dynamo.reset()  # each kind compiles (or not) on its own
+    if kind == "reference":
+        return reference_setup(family, rank)
+    return ours_setup(family, rank, kind, dtype)
+
+
+def gpu_profile(step, lat, cond, batch, n: int = 3) -> dict:
+    """Share of the wall time the GPU is busy running kernels, and kernels per step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step(lat, cond, batch)
+        sync()
+    wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e6  # us -> s (kernels do not overlap here)
+    return {"gpu_busy": busy / wall, "kernels_per_step": len(kernels) / n,
+            "gpu_ms_per_step": 1000 * busy / n}
+
+
+def run(kind: str, workload: str, rank: int, steps: int, warmup: int, peak: float,
+        flops: dict, profile_it: bool) -> dict:
     family, reso, b = WORKLOADS[workload]
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    unet, step, modules = (reference_setup if kind == "reference" else ours_setup)(family, rank)
+    unet, step, modules = setup(kind, family, rank)
     lat, cond, batch = make_batch(family, reso, b)
     step(lat, cond, batch)
     sync()
@@ -194,48 +250,109 @@ def run(kind: str, workload: str, rank: int, steps: int, warmup: int, peak: floa
         loss = step(lat, cond, batch)
     sync()
     dt = time.perf_counter() - t1
-    flops = step_flops(step, lat, cond, batch)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
+    if workload not in flops:  # counted on an eager step (the counter does not see into
+        flops[workload] = step_flops(step, lat, cond, batch)  # compiled graphs)
     result = {"kind": kind, "workload": workload, "lora_modules": modules,
               "images_per_s": b * steps / dt, "step_ms": 1000 * dt / steps,
-              "tflop_per_image": flops / b / 1e12, "mfu": flops * steps / dt / peak,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0,
+              "tflop_per_image": flops[workload] / b / 1e12,
+              "mfu": flops[workload] * steps / dt / peak, "peak_gib": peak_gib,
               "first_step_s": first, "loss": float(loss)}
+    if profile_it and DEVICE == "cuda":
+        result.update(gpu_profile(step, lat, cond, batch))
     del unet, step
     return result
+
+
+def guard(workload: str, kinds: list[str], rank: int, steps: int) -> list[dict]:
+    """Loss curves over `steps` steps, each step with its own noise seeds, of every kind
+    against our eager fp32 run on the same data; the LoRA trains as in real runs, so any
+    numerical drift of an optimisation accumulates in the curve."""
+    family, reso, b = WORKLOADS[workload]
+    curves = {}
+    for kind in ["fp32"] + [k for k in kinds if k != "reference"]:
+        torch.manual_seed(0)
+        unet, step, _ = setup("ours" if kind == "fp32" else kind, family, rank,
+                              torch.float32 if kind == "fp32" else torch.bfloat16)
+        lat, cond, batch = make_batch(family, reso, b)
+        losses = []
+        for i in range(steps):
+            batch["sample_seed"] = torch.arange(b) + 1000 * i
+            losses.append(float(step(lat, cond, batch)))
+        curves[kind] = losses
+        del unet, step
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    ref = torch.tensor(curves["fp32"])
+    rows = []
+    for kind, c in curves.items():
+        rel = ((torch.tensor(c) - ref).abs() / ref.abs()).tolist()
+        rows.append({"guard": workload, "kind": kind, "steps": steps,
+                     "max_rel_diff": max(rel), "mean_rel_diff": sum(rel) / len(rel),
+                     "first_loss": c[0], "last_loss": c[-1]})
+    return rows
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="sd15-512-b1,sd15-512-b16,sdxl-1024-b1,sdxl-1024-b4")
+    ap.add_argument("--kinds", default="reference,ours",
+                    help="reference and any of: " + ", ".join(VARIANTS))
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="GPU busy share and kernels/step")
+    ap.add_argument("--guard", help="a workload: loss curves of every kind vs eager fp32")
+    ap.add_argument("--guard_steps", type=int, default=50)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_peak()
     import diffusers
-    env = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
-           "diffusers": diffusers.__version__, "matmul_tflops": peak / 1e12,
-           "date": time.strftime("%Y-%m-%d")}
-    print(json.dumps(env))
-    rows = []
-    for w in a.workloads.split(","):
-        for kind in ("reference", "ours"):
-            with contextlib.suppress(torch.cuda.OutOfMemoryError):
-                r = run(kind, w, a.rank, a.steps, a.warmup, peak)
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+    env = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+           "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "matmul_tflops": peak / 1e12, "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(env), flush=True)
+    kinds = a.kinds.split(",")
+    rows, flops, guards = [], {}, []
+    out = {"env": env, "rows": rows, "guard": guards}
+
+    def save():
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1))
+    for w in [w for w in a.workloads.split(",") if w]:
+        for kind in kinds:
+            try:
+                r = run(kind, w, a.rank, a.steps, a.warmup, peak, flops, a.profile)
+            except Exception as e:  # noqa: BLE001 - one failing variant must not end the run
+                r = {"kind": kind, "workload": w, "error": f"{type(e).__name__}: {e}"[:500]}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            save()
+    if a.guard:
+        guards += guard(a.guard, kinds, a.rank, a.guard_steps)
+        for g in guards:
+            print(json.dumps(g), flush=True)
+        save()
     print(f"\n| workload | kind | LoRA modules | images/s | x ref | MFU | peak GiB | "
-          "build+first step s |\n|---|---|---|---|---|---|---|---|")
-    ref = {r["workload"]: r["images_per_s"] for r in rows if r["kind"] == "reference"}
+          "build+first step s | GPU busy | kernels/step |\n|---|---|---|---|---|---|---|---|---|---|")
+    ref = {r["workload"]: r["images_per_s"] for r in rows if r["kind"] == "reference"
+           and "error" not in r}
     for r in rows:
+        if "error" in r:
+            print(f"| {r['workload']} | {r['kind']} | error: {r['error'][:120]} |")
+            continue
         ratio = r["images_per_s"] / ref[r["workload"]] if r["workload"] in ref else float("nan")
+        busy = f"{100 * r['gpu_busy']:.0f}%" if "gpu_busy" in r else "-"
+        kern = f"{r['kernels_per_step']:.0f}" if "kernels_per_step" in r else "-"
         print(f"| {r['workload']} | {r['kind']} | {r['lora_modules']} | {r['images_per_s']:.2f} "
               f"| {ratio:.2f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | "
-              f"{r['first_step_s']:.1f} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+              f"{r['first_step_s']:.1f} | {busy} | {kern} |")
+    for g in guards:
+        print(f"guard {g['guard']} {g['kind']}: max rel diff {g['max_rel_diff']:.4f}, mean "
+              f"{g['mean_rel_diff']:.4f} over {g['steps']} steps")
+    save()
     return 0
 
 

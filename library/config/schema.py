@@ -19,6 +19,7 @@ from typing import Any, Optional
 from library.train.optimizers import OPTIMIZER_NAMES
 from library.train.samplers import SAMPLER_NAMES
 from library.train.schedulers import SCHEDULES
+from library.train.speed import COMPILE_MODES
 
 CONFIG_VERSION = 1
 
@@ -152,6 +153,12 @@ class TrainingConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save "
                                        "memory.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", minimum=1)
+    compile: bool = opt(False, "Regional torch.compile of the UNet's transformer and ResNet "
+                        "blocks, LoRA included (docs/TRAINING.md, Speed). Costs compile time "
+                        "at the first step of each bucket shape.", aliases=("torch_compile",))
+    compile_mode: str = opt("default", "torch.compile mode of `compile`; reduce-overhead also "
+                            "records CUDA graphs.", choices=COMPILE_MODES)
+    channels_last: bool = opt(False, "Keep the UNet in channels_last (NHWC) memory format.")
     seed: Optional[int] = opt(None, "Random seed; unset picks one and records it.")
     noise_offset: float = opt(0.0, "Offset noise strength: a per-channel constant of this "
                               "scale is added to the noise (0 disables; ~0.05-0.1 typical).",

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from library.train import samplers
+from library.train.speed import eager
 from library.train.prompts import DEFAULT_SCALE, DEFAULT_STEPS, PromptSpec, \
     a1111_parameters, load_prompts
 
@@ -231,7 +232,8 @@ class Sampler:
         c = self.c
         roots = [self.network, c.unet, c.vae, *c.text_encoders]
         paths, images = [], []
-        with preserved_rng(), eval_modes(roots), lora_as_saved(self.network, self.save_dtype):
+        with preserved_rng(), eval_modes(roots), lora_as_saved(self.network, self.save_dtype), \
+                eager():  # compiled blocks (compile = true) run eagerly here
             if self._pipe is None:
                 self._pipe = make_pipeline(c)
             pipe, base_config = self._pipe

@@ -12,6 +12,7 @@ import random
 import torch
 
 from library.train import noise as N
+from library.train.speed import run_eagerly
 
 VAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -32,6 +33,7 @@ def split_items(items: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 @torch.no_grad()
+@run_eagerly  # compiled blocks (compile = true) run eagerly here
 def validation_loss(val_set, *, unet, family, scheduler, encode_mean, conditioning, network,
                     seed: int, device, weight_dtype, autocast, v_prediction: bool) -> float:
     was_training = network.training

@@ -1,0 +1,97 @@
+"""Speed toggles of the training step (docs/TRAINING.md "Speed", docs/BENCHMARKS.md).
+
+- `compile = true`: regional torch.compile. Each transformer block (BasicTransformerBlock,
+  which holds the attention and feed-forward layers and their LoRA modules) and each ResNet
+  block of the UNet is compiled on its own, after the LoRA attaches, so the LoRA's extra
+  matmuls, casts and scale are traced into the block's graph and fused with it. Blocks of the
+  same class and shapes share one compiled graph (the LoRA modules' weights are graph inputs,
+  not constants), so SDXL's 70 transformer blocks compile a handful of graphs, not 70.
+  A new input shape (another bucket) compiles once more; the recompile limit is raised so
+  that every bucket of a run is compiled rather than silently falling back to eager.
+- `compile_mode`: torch.compile's mode. "reduce-overhead" also records CUDA graphs of the
+  compiled blocks (one replay instead of dozens of kernel launches per block).
+- `channels_last = true`: the UNet's weights and activations in NHWC layout, which cuDNN's
+  bf16/fp16 convolutions prefer.
+
+Sampling and validation run the same modules eagerly (`eager()`): they use other shapes and
+no gradients, and compiling for them would cost more than it saves.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+# Enough for every bucket shape of a run (SDXL's ResNet blocks alone have ~16 shapes).
+RECOMPILE_LIMIT = 256
+
+
+def compiled_block_types() -> tuple[type, ...]:
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    return (BasicTransformerBlock, ResnetBlock2D)
+
+
+def compile_blocks(unet: torch.nn.Module, mode: str = "default") -> str:
+    """Compile each transformer and ResNet block of `unet` in place (nn.Module.compile);
+    returns a line for the log. Call after the LoRA network attaches."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {mode!r}")
+    import torch._dynamo
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch 2.x
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+    kinds = compiled_block_types()
+    counts = {k.__name__: 0 for k in kinds}
+    for module in unet.modules():
+        if isinstance(module, kinds):
+            module.compile(mode=None if mode == "default" else mode, dynamic=False)
+            counts[type(module).__name__] += 1
+    if not any(counts.values()):
+        raise ValueError("compile = true: the UNet has no transformer or ResNet blocks to "
+                         "compile")
+    return "torch.compile (" + mode + ") of " + ", ".join(
+        f"{n} {k}" for k, n in counts.items()) + "; the first steps of each shape compile"
+
+
+def to_channels_last(unet: torch.nn.Module) -> str:
+    unet.to(memory_format=torch.channels_last)
+    return "UNet in channels_last memory format"
+
+
+def eager():
+    """Run compiled modules eagerly inside this context (sampling, validation)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "set_stance"):
+        return compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
+
+
+def step_begin(training_cfg) -> None:
+    """Call at the start of every training step: with CUDA graphs (compile_mode =
+    "reduce-overhead") it tells torch that the previous step's graph outputs are no longer
+    read, so their memory can be reused."""
+    if training_cfg.compile and training_cfg.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def run_eagerly(fn):
+    """Decorator: `fn` runs inside `eager()`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with eager():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def configure_speed(unet: torch.nn.Module, training_cfg) -> list[str]:
+    """Apply `channels_last` and `compile` from [training]; returns lines for the log."""
+    done = []
+    if training_cfg.channels_last:
+        done.append(to_channels_last(unet))
+    if training_cfg.compile:
+        done.append(compile_blocks(unet, training_cfg.compile_mode))
+    return done
