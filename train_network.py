@@ -35,7 +35,7 @@ from library.train.distributed import average_gradients, loss_share, shard
 from library.train.saving import bucket_info, build_metadata, fingerprint, save_lora, tag_frequency
 from library.train.noise import apply_zero_terminal_snr
 from library.train.schedulers import scheduler_from_config
-from library.train.speed import configure_speed, step_begin
+from library.train.speed import configure_speed, step_begin, training_unet
 from library.train.step import LossSettings, diffusion_loss
 from library.train.state import Position, StateError, load_state, read_position, save_state
 from library.train.tracking import LossAverage, Tracker, lr_scalars, run_dir, step_scalars
@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     network.attach().train()
     for note in configure_speed(c.unet, cfg.training):  # channels_last, compile (after attach)
         log.info(note)
+    unet, note = training_unet(c.unet, network, cfg.training, device)  # cuda_graphs
+    if note and unet is c.unet:
+        log.warning(note)
+    elif note:
+        log.info(note)
     log.info(f"LoRA on {len(network)} modules: " + ", ".join(
         f"{k} {len(v)}" for k, v in network.parts().items()))
     optimizer = make_optimizer(cfg.optimizer.optimizer_type, groups,
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 step_begin(cfg.training)  # CUDA graphs: the last step's outputs are free
                 with torch.set_grad_enabled(train_te):
                     cond = conditioning(batch["captions"])
-                loss = diffusion_loss(c.unet, family, c.noise_scheduler, latents, cond, batch,
+                loss = diffusion_loss(unet, family, c.noise_scheduler, latents, cond, batch,
                                       loss_settings, weight_dtype=weight_dtype,
                                       autocast=accelerator.autocast)
                 if not torch.isfinite(loss):

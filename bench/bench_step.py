@@ -132,6 +132,9 @@ VARIANTS = {  # name -> the [training] / [model] / [optimizer] settings of train
     "lowmem+compile": {"gradient_checkpointing": True, "fp8_base": True,
                        "optimizer": "AdamW8bit", "compile": True},
     "ours+gc": {"gradient_checkpointing": True},
+    "ours+graphs": {"cuda_graphs": True},
+    "ours+graphs+compile": {"cuda_graphs": True, "compile": True},
+    "ours+graphs+compile+cl": {"cuda_graphs": True, "compile": True, "channels_last": True},
 }
 
 
@@ -143,7 +146,7 @@ def ours_setup(family: str, rank: int, variant: str = "ours", dtype=torch.bfloat
     from library.models.attention import store_fp8
     from library.models.loading import FAMILIES
     from library.train.optimizers import make_optimizer
-    from library.train.speed import configure_speed, step_begin
+    from library.train.speed import configure_speed, step_begin, training_unet
     from library.train.step import LossSettings, diffusion_loss
     from networks.lora import LoRANetwork
     from networks.targets import RankSpec, find_targets
@@ -158,8 +161,11 @@ def ours_setup(family: str, rank: int, variant: str = "ours", dtype=torch.bfloat
                                    train_unet=True, train_text_encoder=False)).to(DEVICE).attach()
     speed = SimpleNamespace(compile=v.get("compile", False),
                             compile_mode=v.get("compile_mode", "default"),
-                            channels_last=v.get("channels_last", False))
+                            channels_last=v.get("channels_last", False),
+                            cuda_graphs=v.get("cuda_graphs", False),
+                            gradient_checkpointing=v.get("gradient_checkpointing", False))
     configure_speed(unet, speed)
+    call, _ = training_unet(unet, net, speed, DEVICE)
     params = list(net.parameters())
     opt = make_optimizer(v.get("optimizer", "AdamW"), [{"params": params}], 1e-4, {})
     sched = scheduler()
@@ -168,7 +174,7 @@ def ours_setup(family: str, rank: int, variant: str = "ours", dtype=torch.bfloat
 
     def step(lat, cond, batch):
         step_begin(speed)
-        loss = diffusion_loss(unet, fam, sched, lat, cond, batch, settings,
+        loss = diffusion_loss(call, fam, sched, lat, cond, batch, settings,
                               weight_dtype=dtype, autocast=ac)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -251,8 +257,13 @@ def run(kind: str, workload: str, rank: int, steps: int, warmup: int, peak: floa
     sync()
     dt = time.perf_counter() - t1
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
-    if workload not in flops:  # counted on an eager step (the counter does not see into
-        flops[workload] = step_flops(step, lat, cond, batch)  # compiled graphs)
+    if workload not in flops:  # counted on an eager step: the counter does not see into
+        if kind in ("reference", "ours"):  # compiled code or CUDA graph replays
+            flops[workload] = step_flops(step, lat, cond, batch)
+        else:
+            _, eager_step, _ = ours_setup(family, rank)
+            flops[workload] = step_flops(eager_step, lat, cond, batch)
+            del eager_step
     result = {"kind": kind, "workload": workload, "lora_modules": modules,
               "images_per_s": b * steps / dt, "step_ms": 1000 * dt / steps,
               "tflop_per_image": flops[workload] / b / 1e12,

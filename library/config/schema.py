@@ -159,6 +159,8 @@ class TrainingConfig:
     compile_mode: str = opt("default", "torch.compile mode of `compile`; reduce-overhead also "
                             "records CUDA graphs.", choices=COMPILE_MODES)
     channels_last: bool = opt(False, "Keep the UNet in channels_last (NHWC) memory format.")
+    cuda_graphs: bool = opt(False, "Replay the UNet's training forward and backward from CUDA "
+                            "graphs, one per batch shape (CUDA only; docs/TRAINING.md, Speed).")
     seed: Optional[int] = opt(None, "Random seed; unset picks one and records it.")
     noise_offset: float = opt(0.0, "Offset noise strength: a per-channel constant of this "
                               "scale is added to the noise (0 disables; ~0.05-0.1 typical).",

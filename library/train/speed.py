@@ -12,6 +12,13 @@
   compiled blocks (one replay instead of dozens of kernel launches per block).
 - `channels_last = true`: the UNet's weights and activations in NHWC layout, which cuDNN's
   bf16/fp16 convolutions prefer.
+- `cuda_graphs = true`: the UNet's training forward and backward are captured once per input
+  shape (torch.cuda.make_graphed_callables) and replayed: one launch instead of thousands of
+  kernel launches, which is what bounds an eager LoRA step at small batches (the GPU idles
+  most of the step; docs/BENCHMARKS.md). Noise, timesteps, the loss, the optimizer and the
+  text encoders stay eager. At most `CUDA_GRAPH_SHAPES` shapes are captured (each keeps its
+  own activation memory); further bucket shapes run eagerly. Not with module_dropout (a
+  per-step host decision) or gradient checkpointing; CUDA only.
 
 Sampling and validation run the same modules eagerly (`eager()`): they use other shapes and
 no gradients, and compiling for them would cost more than it saves.
@@ -85,6 +92,89 @@ def run_eagerly(fn):
         with eager():
             return fn(*args, **kwargs)
     return wrapper
+
+
+CUDA_GRAPH_SHAPES = 4
+
+
+class _UNetForward(torch.nn.Module):
+    """UNet forward with positional tensor inputs only, owning the LoRA network, so that the
+    graphed callable's parameters are the LoRA weights (the UNet's own are frozen)."""
+
+    def __init__(self, unet, network, added_keys: tuple[str, ...]):
+        super().__init__()
+        self.unet, self.network, self.added_keys = unet, network, added_keys
+
+    def forward(self, sample, timestep, encoder_hidden_states, *added):
+        kwargs = {"added_cond_kwargs": dict(zip(self.added_keys, added))} if added else {}
+        return self.unet(sample, timestep, encoder_hidden_states, **kwargs).sample
+
+
+class GraphedUNet:
+    """Drop-in for `unet` in library.train.step.diffusion_loss (see the module docstring).
+    Anything it cannot replay (no grad, CPU tensors, a shape beyond the cap) runs eagerly."""
+
+    def __init__(self, unet, network, max_shapes: int = CUDA_GRAPH_SHAPES):
+        self.unet, self.network, self.max_shapes = unet, network, max_shapes
+        self.graphs: dict[tuple, object] = {}
+        self.captures = 0
+
+    def __getattr__(self, name):  # config, dtype, device ... of the wrapped UNet
+        return getattr(self.unet, name)
+
+    def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        added = tuple(sorted((added_cond_kwargs or {}).items()))
+        keys = tuple(k for k, _ in added)
+        args = (sample, timestep, encoder_hidden_states, *(v for _, v in added))
+        if not torch.is_grad_enabled() or not sample.is_cuda or not self.network.training:
+            return self.unet(sample, timestep, encoder_hidden_states,
+                             added_cond_kwargs=added_cond_kwargs)
+        on = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        key = (keys, on, dtype) + tuple((a.shape, a.dtype, a.requires_grad) for a in args)
+        # autocast inside CUDA graphs needs its weight-cast cache off (torch's rule)
+        with torch.autocast("cuda", dtype=dtype, enabled=on, cache_enabled=False):
+            fn = self.graphs.get(key)
+            if fn is None:
+                if len(self.graphs) >= self.max_shapes:
+                    return self.unet(sample, timestep, encoder_hidden_states,
+                                     added_cond_kwargs=added_cond_kwargs)
+                fn = torch.cuda.make_graphed_callables(
+                    _UNetForward(self.unet, self.network, keys), args,
+                    allow_unused_input=True)
+                self.graphs[key] = fn
+                self.captures += 1
+            out = fn(*args)
+        return _Output(out)
+
+
+class _Output:
+    def __init__(self, sample):
+        self.sample = sample
+
+
+def cuda_graph_problems(training_cfg, network) -> list[str]:
+    """Why `cuda_graphs = true` cannot be used with these settings (empty: it can)."""
+    problems = []
+    if any(m.module_dropout for m in network):
+        problems.append("module_dropout decides on the host at every step")
+    if training_cfg.gradient_checkpointing:
+        problems.append("gradient_checkpointing recomputes outside the captured graph")
+    return problems
+
+
+def training_unet(unet, network, training_cfg, device) -> tuple[object, str | None]:
+    """The UNet the training step calls: a GraphedUNet with `cuda_graphs = true` where it
+    can run, else `unet`; plus a line for the log (None: nothing to say)."""
+    if not training_cfg.cuda_graphs:
+        return unet, None
+    if torch.device(device).type != "cuda":
+        return unet, "cuda_graphs = true needs a CUDA GPU; the UNet runs eagerly on CPU"
+    problems = cuda_graph_problems(training_cfg, network)
+    if problems:
+        return unet, "cuda_graphs = true is off for this run: " + "; ".join(problems)
+    return GraphedUNet(unet, network), (f"CUDA graphs of the UNet's forward and backward "
+                                        f"(up to {CUDA_GRAPH_SHAPES} shapes)")
 
 
 def configure_speed(unet: torch.nn.Module, training_cfg) -> list[str]:

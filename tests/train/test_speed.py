@@ -40,3 +40,35 @@ def test_compile_mode_is_checked(tmp_path):
 def test_compile_blocks_needs_blocks():
     with pytest.raises(ValueError, match="no transformer or ResNet blocks"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_cuda_graphs_fall_back_on_cpu_with_a_reason():
+    from types import SimpleNamespace
+
+    from library.train.speed import training_unet
+    unet, net = torch.nn.Linear(2, 2), torch.nn.ModuleList()
+    cfg = SimpleNamespace(cuda_graphs=True, gradient_checkpointing=False)
+    call, note = training_unet(unet, net, cfg, "cpu")
+    assert call is unet and "needs a CUDA GPU" in note
+    assert training_unet(unet, net, SimpleNamespace(cuda_graphs=False), "cpu") == (unet, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA graphs and GPU compile need a CUDA GPU: run on the device "
+                           "machine (docs/BENCHMARKS.md)")
+@pytest.mark.parametrize("flags", [["--cuda_graphs"], ["--cuda_graphs", "--compile"],
+                                   ["--compile", "--compile_mode", "reduce-overhead"]],
+                         ids=["graphs", "graphs+compile", "compile-cudagraphs"])
+def test_gpu_toggle_keeps_the_loss_curve(tmp_path, tiny_sd15_dir, data, flags,  # noqa: F811
+                                         caplog):
+    bf16 = ["--mixed_precision", "bf16", "--max_train_steps", "4"]
+    assert run(tmp_path / "eager", tiny_sd15_dir, data, *bf16) == 0
+    with caplog.at_level("INFO", logger="tomlora"):
+        assert run(tmp_path / "fast", tiny_sd15_dir, data, *bf16, *flags) == 0
+    if "--cuda_graphs" in flags:
+        assert "CUDA graphs of the UNet" in caplog.text
+    (a, wa), (b, wb) = curve_and_weights(tmp_path / "eager"), curve_and_weights(tmp_path / "fast")
+    assert len(a) == len(b) == 4
+    assert b == pytest.approx(a, rel=2e-2)
+    for k in wa:
+        torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=5e-2, atol=5e-3)
