@@ -139,8 +139,12 @@ class GraphedUNet:
                 if len(self.graphs) >= self.max_shapes:
                     return self.unet(sample, timestep, encoder_hidden_states,
                                      added_cond_kwargs=added_cond_kwargs)
+                # Captured on detached copies: the warm-up backward passes must not reach
+                # into the autograd graph the real inputs came from (the text encoders).
+                sample_args = tuple(a.detach().clone().requires_grad_(a.requires_grad)
+                                    for a in args)
                 fn = torch.cuda.make_graphed_callables(
-                    _UNetForward(self.unet, self.network, keys), args,
+                    _UNetForward(self.unet, self.network, keys), sample_args,
                     allow_unused_input=True)
                 self.graphs[key] = fn
                 self.captures += 1
