@@ -20,8 +20,9 @@ SEED_002_PROMPTS = CONFIGS / "examples" / "seed_002_sample_prompts.txt"
 SHIPPED = [
     "examples/seed_002_sdxl.toml",
     "examples/tiny_demo.toml",
+    "presets/fast.toml",
 ]
-SHIPPED_COUNT = 2
+SHIPPED_COUNT = 3
 PLANNED_REASON = "sampling lands with issue 8"
 
 
