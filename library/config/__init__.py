@@ -39,6 +39,8 @@ def load_config(argv: list[str], *, check_paths: bool = True) -> LoadedConfig:
     loader.accelerate_env_layer(layers)
     loader.add_cli(overrides, layers)
     loader.add_set(ns.set, layers)
+    loader.diffusers_script_defaults(
+        layers, {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")})
     cfg = loader.normalise(loader.build(layers))
     # Cross-key checks run even when other keys failed, so every problem comes out at once;
     # check_paths=False (--output_config, configs of another machine) skips only the checks

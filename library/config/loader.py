@@ -196,6 +196,22 @@ def add_set(assignments: list[str], layers: Layers) -> None:
                                              section, key))
 
 
+# Spellings that only diffusers' example scripts (train_text_to_image_lora.py,
+# train_dreambooth_lora.py) use. A run written with them saves what those scripts save.
+DIFFUSERS_SCRIPT_SPELLINGS = ("rank",)
+
+
+def diffusers_script_defaults(layers: Layers, flags: set[str]) -> None:
+    """A diffusers-script command line (`--rank 8 ...`, seed 000's guide) writes
+    `output_dir/pytorch_lora_weights.safetensors` in the diffusers layout, as the script
+    would, so the guide's `load_lora_weights(output_dir, weight_name=...)` finds it; unless
+    save_model_as or output_name is set. `flags`: the option names of the command line."""
+    spelled = {e.key for e in layers.entries.values() if e.key} | flags
+    if spelled & set(DIFFUSERS_SCRIPT_SPELLINGS) and not {"save_model_as", "output_name"} & \
+            set(layers.entries):
+        layers.put("save_model_as", Entry("diffusers", "diffusers-script default", "saving"))
+
+
 def build(layers: Layers) -> schema.Config:
     """Typed, range-checked Config from the layers; problems are appended to layers."""
     sections = {}

@@ -81,6 +81,8 @@ def check_seed_000(cfg, tmp_path):
     assert cfg.saving.output_dir == str(tmp_path / "robotcat_lora_output")
     assert cfg.training.seed == 1234
     assert cfg.training.mixed_precision == "fp16"  # from accelerate launch
+    # what the diffusers script writes, where the guide's load_lora_weights looks for it
+    assert cfg.saving.save_model_as == "diffusers"
 
 
 @pytest.mark.parametrize("flag, value", [
@@ -128,3 +130,11 @@ def test_refused_flags_say_what_to_do(argv, fragment):
 
 def test_unsupported_logger_is_an_invalid_choice():
     assert "expected one of: tensorboard, wandb, all" in only_problem(["--report_to=mlflow"])
+
+
+@pytest.mark.parametrize("extra, layout", [
+    ([], "diffusers"), (["--output_name", "robotcat"], "safetensors"),
+    (["--save_model_as", "safetensors"], "safetensors")])
+def test_diffusers_spelling_saves_the_diffusers_file(extra, layout):
+    assert load(["--rank", "8", *extra]).config.saving.save_model_as == layout
+    assert load(["--network_dim", "8"]).config.saving.save_model_as == "safetensors"
