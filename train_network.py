@@ -9,6 +9,7 @@ optimizer -> the loop -> save. Exit codes: 0 done, 2 bad config or data (nothing
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -29,15 +30,17 @@ from library.models.attention import configure_attention_and_storage
 from library.models.loading import ModelLoadError, check_model, load_components_for
 from library.train.optimizers import make_optimizer
 from library.train.sampling import Sampler, sample_prompts
-from library.train.checkpoints import Checkpointer
+from library.train.checkpoints import Checkpointer, existing_saves
 from library.train.conditioning import LatentEncoder, TextConditioner
 from library.train.distributed import average_gradients, loss_share, shard
-from library.train.saving import bucket_info, build_metadata, fingerprint, save_lora, tag_frequency
+from library.train.saving import bucket_info, build_metadata, config_json, fingerprint, \
+    save_lora, tag_frequency
 from library.train.noise import apply_zero_terminal_snr
 from library.train.schedulers import scheduler_from_config
 from library.train.speed import configure_speed, step_begin, training_unet
 from library.train.step import LossSettings, diffusion_loss
-from library.train.state import Position, StateError, load_state, read_position, save_state
+from library.train.state import Position, StateError, load_state, read_position, \
+    resume_warning, save_state
 from library.train.tracking import LossAverage, Tracker, lr_scalars, run_dir, step_scalars
 from library.train.validation import split_items, validation_loss
 from networks.build import build_network, load_network_weights, skipped_prefixes
@@ -61,6 +64,22 @@ def output_paths(cfg) -> dict[str, Path]:
     final = out / ("pytorch_lora_weights.safetensors" if cfg.saving.save_model_as ==
                    "diffusers" else f"{name}.safetensors")
     return {"dir": out, "final": final, "config": out / f"{name}.toml"}
+
+
+def trajectory_config(cfg):
+    """The config without the keys that cannot change the training trajectory (where and how
+    often files are saved, resume itself, logging, sampling): what a state's fingerprint
+    covers, so resuming (which sets `resume`) from an unchanged config matches."""
+    return replace(cfg, saving=type(cfg.saving)(), logging=type(cfg.logging)(),
+                   sample=type(cfg.sample)())
+
+
+def patch_scaler_for_fp16_weights(scaler) -> None:
+    """full_fp16: torch's GradScaler refuses to unscale fp16 gradients; allow it (kohya's
+    patch_accelerator_for_fp16_training)."""
+    unscale = scaler._unscale_grads_
+    scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(
+        optimizer, inv_scale, found_inf, True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     if data.problems:
         return fail("Data error", data.problems)
     seed = cfg.training.seed if cfg.training.seed is not None else random.randrange(2**31)
+    traj = trajectory_config(cfg)
+    state_fp, state_cfg = fingerprint(traj), json.loads(config_json(traj))
     try:  # a resumed run must see the same data order, hence the same seed
-        seed = read_position(Path(cfg.saving.resume))[0].seed if cfg.saving.resume else seed
+        if cfg.saving.resume:
+            seed = read_position(Path(cfg.saving.resume))[0].seed
+            changed = resume_warning(Path(cfg.saving.resume), state_fp, state_cfg)
+            if changed:
+                log.warning(changed)
     except StateError as e:
         return fail("Resume error", [str(e)])
     world = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate launch --num_processes
@@ -132,14 +157,27 @@ def main(argv: list[str] | None = None) -> int:
     if paths["final"].exists() and not cfg.saving.overwrite:
         return fail("Output error", [f"{paths['final']} exists; set overwrite = true or "
                                      "choose another output_name / output_dir"])
+    earlier = [] if cfg.saving.overwrite or cfg.saving.resume else \
+        existing_saves(paths["dir"], cfg.saving.output_name)
+    if earlier:  # a new run would replace them or mix its saves with an older run's
+        shown = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        return fail("Output error", [
+            f"{paths['dir']} holds {len(earlier)} save{'s' * (len(earlier) != 1)} of an "
+            f"earlier run named {cfg.saving.output_name!r} ({shown}); set overwrite = true, "
+            "resume from its -state folder, or choose another output_name / output_dir"])
 
     # ---- 3. models ---------------------------------------------------------------------
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     mp = cfg.training.mixed_precision
+    full = "full_bf16" if cfg.training.full_bf16 else "full_fp16" if cfg.training.full_fp16 \
+        else None  # validated: full_bf16 comes with bf16, full_fp16 with fp16
     if mp != "no" and not torch.cuda.is_available():
         log.warning(f"mixed_precision = \"{mp}\" needs a CUDA GPU; training in fp32 on CPU")
-        mp = "no"
+        if full:
+            log.warning(f"{full} is ignored: without mixed precision the LoRA weights stay "
+                        "fp32")
+        mp, full = "no", None
     # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu` use gloo
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum,
                               cpu=not torch.cuda.is_available())
@@ -169,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             for note in load_network_weights(network, cfg.lora.network_weights, family.name,
                                              dict(c.unet.config), skipped_prefixes(cfg, family)):
                 log.info(note)
-        groups = param_groups(network.to(device), cfg, family.name, dict(c.unet.config),
-                              net_args)
+        network.to(device)
+        if full:  # LoRA weights (and so their gradients) in the compute dtype, no fp32 master
+            network.to(weight_dtype)
+            log.info(f"{full}: LoRA weights and gradients in {mp}")
+        groups = param_groups(network, cfg, family.name, dict(c.unet.config), net_args)
     except ValueError as e:
         return fail("LoRA network error", [str(e)])
     network.attach().train()
@@ -187,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                                cfg.optimizer.learning_rate, cfg.optimizer.optimizer_args)
     lr_scheduler = scheduler_from_config(cfg.optimizer, optimizer, total_steps)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    if full == "full_fp16" and accelerator.scaler is not None:
+        patch_scaler_for_fp16_weights(accelerator.scaler)
     params = [p for p in network.parameters() if p.requires_grad]
 
     # ---- 5. caches and resume ---------------------------------------------------------------
@@ -232,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save_training_state(folder: Path, pos: Position) -> None:
         save_state(folder, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                   scaler=accelerator.scaler, position=pos, fingerprint=fingerprint(cfg),
-                   generators={"latents": latents_of.gen})
+                   scaler=accelerator.scaler, position=pos, fingerprint=state_fp,
+                   generators={"latents": latents_of.gen}, config=state_cfg)
 
     checkpoints = Checkpointer(cfg.saving, paths["dir"], paths["final"], save_lora_file,
                                save_training_state, is_main)

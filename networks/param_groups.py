@@ -53,7 +53,7 @@ def param_groups(network: LoRANetwork, cfg, family: str, unet_config: Mapping,
     """Parameter groups for the optimizer (see the module doc). ValueError when every lr is 0."""
     o = cfg.optimizer
     if args is None:
-        args = parse_network_args(cfg.lora.network_args, family)
+        args = parse_network_args(with_top_level_keys(cfg.lora), family)
     unet_lr = o.unet_lr if o.unet_lr is not None else o.learning_rate
     te_lrs = text_encoder_lrs(o.text_encoder_lr, o.learning_rate, family)
     groups: list[dict] = []
@@ -85,12 +85,24 @@ def param_groups(network: LoRANetwork, cfg, family: str, unet_config: Mapping,
     return kept
 
 
+TOP_LEVEL_NETWORK_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                          "loraplus_text_encoder_lr_ratio")
+
+
+def with_top_level_keys(lora_cfg) -> dict:
+    """network_args plus the [lora] keys kohya also takes as top-level flags (LoRA+); the
+    top-level value wins, as in kohya's train_network.py."""
+    top = {k: getattr(lora_cfg, k) for k in TOP_LEVEL_NETWORK_ARGS
+           if getattr(lora_cfg, k) is not None}
+    return {**lora_cfg.network_args, **top}
+
+
 def check_config(cfg, family: str) -> NetworkArgs:
     """The run's network_args, typed, and its text_encoder_lr checked against the family;
     NetworkArgsError lists every problem (before any model loads)."""
     problems = []
     try:
-        args = parse_network_args(cfg.lora.network_args, family)
+        args = parse_network_args(with_top_level_keys(cfg.lora), family)
     except NetworkArgsError as e:
         problems += e.problems
     try:

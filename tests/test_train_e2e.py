@@ -144,3 +144,26 @@ def test_same_seed_same_losses(tmp_path, tiny_sd15_dir):
     a = read_scalars(tmp_path / "a" / "logs")["loss/current"]
     b = read_scalars(tmp_path / "b" / "logs")["loss/current"]
     assert a == b
+
+
+def test_demo_config_lora_loads_in_diffusers_with_every_key(tmp_path):
+    """`make demo`'s config on the committed tiny model (a few steps), then the guide's
+    diffusers snippet: every module of the file becomes a peft layer and changes the UNet."""
+    from diffusers import StableDiffusionPipeline
+    repo = Path(__file__).resolve().parent.parent
+    model = repo / "models" / "tiny-sd15-pretrained"
+    make_dataset(tmp_path / "data", count=4, size=32)
+    out = tmp_path / "out"
+    assert train_network.main([
+        "--config_file", str(repo / "configs" / "examples" / "tiny_demo.toml"),
+        "--train_data_dir", str(tmp_path / "data"), "--output_dir", str(out),
+        "--logging_dir", str(tmp_path / "logs"), "--max_train_steps", "3",
+        "--sample_prompts", "none", "--save_every_n_steps", "100000"]) == 0
+    sd = load_file(str(out / "zorblat.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    before = unet_out(pipe.unet, "sd15")
+    pipe.load_lora_weights(str(out), weight_name="zorblat.safetensors")
+    assert modules_in(sd, "lora_unet") > 0 and modules_in(sd, "lora_te") > 0
+    assert lora_layers(pipe.unet) == modules_in(sd, "lora_unet")
+    assert lora_layers(pipe.text_encoder) == modules_in(sd, "lora_te")
+    assert not torch.allclose(before, unet_out(pipe.unet, "sd15"))

@@ -150,6 +150,12 @@ class TrainingConfig:
     mixed_precision: str = opt("no", "Compute precision: no (fp32), fp16 or bf16. On a "
                                "machine without CUDA, fp16/bf16 fall back to fp32 with a "
                                "warning.", choices=("no", "fp16", "bf16"))
+    full_bf16: bool = opt(False, "Train the LoRA weights and their gradients in bf16 too, "
+                          "not fp32 master weights (saves memory, needs mixed_precision = "
+                          "bf16).")
+    full_fp16: bool = opt(False, "Train the LoRA weights and their gradients in fp16 too, "
+                          "not fp32 master weights (saves memory, needs mixed_precision = "
+                          "fp16).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save "
                                        "memory.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", minimum=1)
@@ -227,6 +233,15 @@ class LoraConfig:
                              "block_lr_zero_threshold, loraplus_lr_ratio, "
                              "loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio "
                              "(kohya's meaning; docs/FORMATS.md).")
+    loraplus_lr_ratio: Optional[float] = opt(None, "LoRA+: lora_up learns at learning rate x "
+                                             "this ratio (kohya's top-level flag; overrides "
+                                             "the network_args key).", minimum=0.0,
+                                             exclusive_min=True)
+    loraplus_unet_lr_ratio: Optional[float] = opt(None, "LoRA+ ratio for the UNet only.",
+                                                  minimum=0.0, exclusive_min=True)
+    loraplus_text_encoder_lr_ratio: Optional[float] = opt(None, "LoRA+ ratio for the text "
+                                                          "encoders only.", minimum=0.0,
+                                                          exclusive_min=True)
     network_dropout: Optional[float] = opt(None, "Dropout on the LoRA down-projection "
                                            "output.", minimum=0.0)
     network_weights: Optional[str] = opt(

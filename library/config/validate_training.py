@@ -1,4 +1,5 @@
-"""Cross-key checks of the optimizer, schedule, noise and loss keys (docs/TRAINING.md).
+"""Cross-key checks of the optimizer, schedule, noise, loss and precision keys
+(docs/TRAINING.md).
 
 Run by `validate` after typing, so a bad optimizer argument, a missing optional package or a
 contradictory noise setting stops the run with exit 2 before any model loads.
@@ -41,6 +42,7 @@ def check_training_keys(cfg: Config, layers: Layers, ok, *, check_env: bool = Tr
         p.append(f"{locate(layers, 'lr_scheduler_min_lr_ratio')}: "
                  f"{o.lr_scheduler_min_lr_ratio} is above 1; use a fraction like 0.1")
     check_timesteps(cfg, layers, ok)
+    check_precision(cfg, layers, ok)
     if tr.adaptive_noise_scale is not None and not tr.noise_offset and ok("noise_offset"):
         p.append(f"{locate(layers, 'adaptive_noise_scale')}: needs noise_offset; set "
                  "noise_offset (e.g. 0.05) or remove adaptive_noise_scale")
@@ -65,3 +67,17 @@ def check_timesteps(cfg: Config, layers: Layers, ok) -> None:
                  f"0..{n - 1}; max_timestep is exclusive)")
     if lo is not None and hi is not None and lo > hi and ok("min_timestep", "max_timestep"):
         p.append(f"{locate(layers, 'min_timestep')}: {lo} is above max_timestep {hi}")
+
+
+def check_precision(cfg: Config, layers: Layers, ok) -> None:
+    """full_bf16 / full_fp16 keep the LoRA weights in the mixed_precision dtype."""
+    p, tr = layers.problems, cfg.training
+    if tr.full_bf16 and tr.full_fp16 and ok("full_bf16", "full_fp16"):
+        p.append(f"{locate(layers, 'full_fp16')}: contradicts full_bf16 = true; set at most "
+                 "one of them")
+        return
+    for key, want in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
+        if getattr(tr, key) and tr.mixed_precision != want and ok(key, "mixed_precision"):
+            p.append(f"{locate(layers, key)}: needs mixed_precision = \"{want}\" (it is "
+                     f"\"{tr.mixed_precision}\"); set mixed_precision = \"{want}\" or remove "
+                     f"{key}")

@@ -16,6 +16,18 @@ from typing import Callable
 from library.train.state import Position
 
 
+def existing_saves(out_dir: Path, name: str) -> list[Path]:
+    """Intermediate saves (and state folders) of `name` already in `out_dir`, by name: what
+    a new run of that output_name would replace or mix with its own saves."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    pattern = re.compile(rf"^{re.escape(name)}(?:-step\d{{8}}|-\d{{6}})?"
+                         r"(?:-state|\.safetensors)$")
+    final = f"{name}.safetensors"  # the final file has its own check (and name, diffusers)
+    return sorted(p for p in out_dir.iterdir() if pattern.match(p.name) and p.name != final)
+
+
 class Checkpointer:
     def __init__(self, saving, out_dir: Path, final_path: Path,
                  save_lora: Callable[[Path, int, int], None],

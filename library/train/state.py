@@ -3,7 +3,7 @@
 A state folder holds `lora.safetensors` (fp32 master weights, kohya keys), `training.pt`
 (optimizer / scheduler / grad-scaler state dicts and RNG states, loaded with
 `weights_only=False` only from folders we wrote) and `state.json` (step, epoch, batches done
-in the epoch, seed, config fingerprint). It is written to a temporary sibling and swapped in
+in the epoch, seed, config fingerprint and the fingerprinted config). It is written to a temporary sibling and swapped in
 by rename, so a crash leaves either the old state or the new one, never a mix.
 """
 from __future__ import annotations
@@ -46,7 +46,9 @@ def set_rng_states(states: dict) -> None:
 
 
 def save_state(folder: Path, *, network, optimizer, lr_scheduler, scaler, position: Position,
-               fingerprint: str, generators: dict | None = None) -> Path:
+               fingerprint: str, generators: dict | None = None,
+               config: dict | None = None) -> Path:
+    """`config` (the fingerprinted keys) lets a changed resume name the keys that differ."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
@@ -59,8 +61,8 @@ def save_state(folder: Path, *, network, optimizer, lr_scheduler, scaler, positi
                 "generators": {k: g.get_state() for k, g in (generators or {}).items()}},
                tmp / "training.pt")
     (tmp / "state.json").write_text(json.dumps(
-        {"version": STATE_VERSION, **asdict(position), "config_fingerprint": fingerprint},
-        indent=1))
+        {"version": STATE_VERSION, **asdict(position), "config_fingerprint": fingerprint,
+         **({"config": config} if config is not None else {})}, indent=1))
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         if old.exists():
@@ -89,6 +91,36 @@ def read_position(folder: Path) -> tuple[Position, str]:
                          f"{STATE_VERSION}")
     return Position(data["step"], data["epoch"], data["batches_done"], data["seed"]), \
         data.get("config_fingerprint", "")
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """`section.key: old -> new` for every key that differs between two config dicts."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix:
+            out += config_changes(a, b, f"{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def resume_warning(folder: Path, fingerprint: str, config: dict | None = None) -> str | None:
+    """A warning when the config fingerprint stored in the state differs from this run's
+    (None when they match). Not an error: changing e.g. max_train_steps is legitimate, but
+    the resumed run is then no exact continuation of the saved one."""
+    folder = Path(folder)
+    data = json.loads((folder / "state.json").read_text())
+    stored = data.get("config_fingerprint", "")
+    if stored == fingerprint:
+        return None
+    changes = config_changes(data["config"], config) if isinstance(data.get("config"), dict) \
+        and config is not None else []
+    shown = "; ".join(changes[:8]) + (f"; ... ({len(changes) - 8} more)" if len(changes) > 8
+                                      else "")
+    what = f": {shown}" if changes else f" (fingerprint {stored or 'missing'} -> {fingerprint})"
+    return (f"resume: the config changed since the state in {folder} was saved{what}; the "
+            "resumed run is not an exact continuation of the saved run")
 
 
 def load_state(folder: Path, *, network, optimizer, lr_scheduler, scaler,

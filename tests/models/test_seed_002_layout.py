@@ -1,6 +1,6 @@
 """Seed 002 (the Paperspace SDXL guide): its config.toml verbatim, its command line, and its
 model paths -- `./models/stable-diffusion-xl-base-1.0` plus the fp16-fix VAE weights file --
-holding tiny stand-ins. Only steps, resolution, accumulation and checkpointing are lowered,
+holding tiny stand-ins. Only steps and resolution are lowered,
 for CPU time."""
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def test_seed_002_layout_trains(guide_dir, tiny_sdxl_dir, folder_components):
     # the VAE weights file alone, as the guide's config names it (no config.json beside)
     save_vae(folder_components, guide_dir / "models" / "sdxl-vae-fp16-fix")
     rc = train_network.main(shlex.split(COMMAND) + [
-        "--max_train_steps", "2", "--resolution", "64", "--gradient_accumulation_steps", "1",
-        "--gradient_checkpointing", "false"])  # CPU time only; the model paths are verbatim
+        "--max_train_steps", "2", "--resolution", "64"])  # CPU time only: the seed's
+    # AdamW8bit, cosine_with_restarts, accumulation 4 and gradient checkpointing stay on
     assert rc == 0
     assert (guide_dir / "output" / "my_lora.safetensors").is_file()
 

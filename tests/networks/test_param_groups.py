@@ -104,3 +104,17 @@ def test_zero_lr_freezes_and_all_zero_is_an_error(sdxl):
     assert all(p.requires_grad for m in net.parts()["lora_te2"] for p in m.parameters())
     with pytest.raises(ValueError, match="every learning rate is 0"):
         groups_for(sdxl, make_cfg(unet_lr=0.0, text_encoder_lr=0.0))
+
+
+def test_top_level_loraplus_flag_overrides_network_args(sdxl):
+    from library.config import load_config
+    cfg = load_config(["--network_args", "loraplus_lr_ratio=16", "--loraplus_lr_ratio", "4",
+                       "--learning_rate", "1e-4"], check_paths=False).config
+    c, fam = sdxl
+    args = check_config(cfg, "sdxl")  # what train_network.py calls
+    net = build_network(c, fam, cfg, args)
+    groups = param_groups(net, cfg, "sdxl", dict(c.unet.config), args)
+    lrs = lr_of(groups)
+    for m in net:
+        assert lrs[id(m.lora_down.weight)] == pytest.approx(1e-4)
+        assert lrs[id(m.lora_up.weight)] == pytest.approx(4e-4)

@@ -2,6 +2,7 @@
 gradient accumulation and TensorBoard scalars, through the real CLI on the tiny model."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,99 @@ def test_wandb_without_the_package_is_a_config_error(tmp_path, tiny_sd15_dir, da
     assert run(tmp_path, tiny_sd15_dir, data, "--max_train_steps", "1",
                "--log_with", "wandb") == 2
     assert "pip install wandb" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_loss_curve(tmp_path, tiny_sd15_dir, data,
+                                                          monkeypatch):
+    import torch.utils.checkpoint as ckpt
+    calls = []
+    real = ckpt.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    assert run(tmp_path / "a", tiny_sd15_dir, data, "--max_train_steps", "4") == 0
+    assert not calls
+    monkeypatch.setattr(ckpt, "checkpoint", counting)
+    assert run(tmp_path / "b", tiny_sd15_dir, data, "--max_train_steps", "4",
+               "--gradient_checkpointing") == 0
+    assert calls, "gradient_checkpointing must recompute through torch.utils.checkpoint"
+    a = read_scalars(tmp_path / "a" / "logs")["loss/current"]
+    b = read_scalars(tmp_path / "b" / "logs")["loss/current"]
+    assert len(a) == 4 and b == pytest.approx(a, rel=1e-5)
+    assert a[1:] != a[:-1]  # the LoRA trained: the curve is not one repeated value
+
+
+def lora_up_norm(path: Path) -> float:
+    w = load_file(str(path))
+    return sum(float(v.float().norm()) ** 2 for k, v in w.items()
+               if k.endswith("lora_up.weight")) ** 0.5
+
+
+def test_max_grad_norm_clips_the_lora_update(tmp_path, tiny_sd15_dir, data):
+    # lora_up starts at zero, so its norm after training measures how far the LoRA moved.
+    assert run(tmp_path / "free", tiny_sd15_dir, data, "--max_train_steps", "3",
+               "--optimizer_type", "SGDNesterov", "--max_grad_norm", "0") == 0
+    assert run(tmp_path / "clip", tiny_sd15_dir, data, "--max_train_steps", "3",
+               "--optimizer_type", "SGDNesterov", "--max_grad_norm", "1e-6") == 0
+    free = lora_up_norm(tmp_path / "free" / "out" / "t.safetensors")
+    clipped = lora_up_norm(tmp_path / "clip" / "out" / "t.safetensors")
+    assert free > 0 and clipped < free * 1e-2, (free, clipped)
+    s = read_scalars(tmp_path / "clip" / "logs")
+    assert len(s["grad_norm"]) == 3 and all(g > 1e-6 for g in s["grad_norm"])
+    assert "grad_norm" not in read_scalars(tmp_path / "free" / "logs")  # not clipped: no norm
+
+
+def test_resume_with_a_changed_config_warns(tmp_path, tiny_sd15_dir, data, caplog):
+    assert run(tmp_path / "a", tiny_sd15_dir, data, "--max_train_steps", "4",
+               "--save_every_n_steps", "2", "--save_state") == 0
+    state = tmp_path / "a" / "out" / "t-step00000002-state"
+    caplog.clear()
+    # only where and how often files go changed: the same trajectory, no warning
+    assert run(tmp_path / "b", tiny_sd15_dir, data, "--max_train_steps", "4",
+               "--save_every_n_steps", "1", "--resume", str(state)) == 0
+    assert "config changed" not in caplog.text
+    caplog.clear()
+    assert run(tmp_path / "c", tiny_sd15_dir, data, "--max_train_steps", "5",
+               "--learning_rate", "2e-3", "--resume", str(state)) == 0
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING" and "config changed" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert "training.max_train_steps: 4 -> 5" in warned[0]
+    assert "optimizer.learning_rate: 0.001 -> 0.002" in warned[0]
+    assert "not an exact continuation" in warned[0]
+
+
+def test_earlier_intermediate_saves_block_a_new_run_but_not_a_resume(tmp_path, tiny_sd15_dir,
+                                                                     data, capsys):
+    out = tmp_path / "out"
+    # an earlier run that stopped before its final file: intermediate saves and states only
+    assert run(tmp_path, tiny_sd15_dir, data, "--max_train_steps", "4",
+               "--save_every_n_steps", "2", "--save_state") == 0
+    (out / "t.safetensors").unlink()
+    shutil.rmtree(out / "t-state")
+    before = (out / "t-step00000002.safetensors").read_bytes()
+    capsys.readouterr()
+    assert run(tmp_path, tiny_sd15_dir, data, "--max_train_steps", "4",
+               "--save_every_n_steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "Output error" in err and "t-step00000002.safetensors" in err
+    assert "set overwrite = true, resume from its -state folder" in err
+    assert (out / "t-step00000002.safetensors").read_bytes() == before
+    assert not (out / "t.safetensors").exists()
+    # resuming the same output continues it (its final file does not exist yet)
+    assert run(tmp_path, tiny_sd15_dir, data, "--max_train_steps", "4",
+               "--save_every_n_steps", "2", "--resume",
+               str(out / "t-step00000002-state")) == 0
+    assert (out / "t.safetensors").is_file()
+    # and overwrite = true allows a fresh run over all of it
+    assert run(tmp_path, tiny_sd15_dir, data, "--max_train_steps", "4",
+               "--save_every_n_steps", "2", "--overwrite") == 0
+
+
+def test_an_existing_final_file_blocks_a_new_run(tmp_path, tiny_sd15_dir, data, capsys):
+    assert run(tmp_path, tiny_sd15_dir, data, "--max_train_steps", "1") == 0
+    capsys.readouterr()
+    assert run(tmp_path, tiny_sd15_dir, data, "--max_train_steps", "1") == 2
+    assert "t.safetensors exists; set overwrite = true" in capsys.readouterr().err

@@ -1,0 +1,62 @@
+"""full_bf16 / full_fp16: config checks (exit-2 errors naming the keys and the fix) and the
+CPU fallback through the real CLI on the tiny model."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+from safetensors.torch import load_file
+
+from library.config import ConfigError, load_config
+from tests.train.test_loop import data, run  # noqa: F401  (the fixture)
+
+
+def problems(*argv: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(list(argv), check_paths=False)
+    return info.value.problems
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--full_bf16"], 'full_bf16: needs mixed_precision = "bf16" (it is "no")'),
+    (["--mixed_precision", "fp16", "--full_bf16"],
+     'full_bf16: needs mixed_precision = "bf16" (it is "fp16"); set mixed_precision = '
+     '"bf16" or remove full_bf16'),
+    (["--mixed_precision", "bf16", "--full_fp16"],
+     'full_fp16: needs mixed_precision = "fp16" (it is "bf16"); set mixed_precision = '
+     '"fp16" or remove full_fp16'),
+    (["--mixed_precision", "bf16", "--full_bf16", "--full_fp16"],
+     "full_fp16: contradicts full_bf16 = true; set at most one of them"),
+])
+def test_full_precision_needs_the_matching_mixed_precision(argv, fragment):
+    found = problems(*argv)
+    assert len(found) == 1 and fragment in found[0], found
+
+
+def test_full_precision_in_a_toml_names_the_file_and_section(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[training_arguments]\nmixed_precision = "fp16"\nfull_bf16 = true\n')
+    assert problems("--config_file", str(f)) == [
+        f'{f}: [training_arguments] full_bf16: needs mixed_precision = "bf16" (it is "fp16"); '
+        'set mixed_precision = "bf16" or remove full_bf16']
+
+
+@pytest.mark.parametrize("argv", [["--mixed_precision", "bf16", "--full_bf16"],
+                                  ["--mixed_precision", "fp16", "--full_fp16"], []])
+def test_matching_full_precision_loads(argv):
+    t = load_config(argv, check_paths=False).config.training
+    assert (t.full_bf16, t.full_fp16) == ("--full_bf16" in argv, "--full_fp16" in argv)
+
+
+def test_full_bf16_on_cpu_falls_back_to_fp32_and_trains(tmp_path, tiny_sd15_dir, data,
+                                                        caplog):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("the fallback is the CPU path")
+    caplog.set_level(logging.WARNING, "tomlora")
+    assert run(tmp_path, tiny_sd15_dir, data, "--max_train_steps", "2",
+               "--mixed_precision", "bf16", "--full_bf16") == 0
+    assert 'mixed_precision = "bf16" needs a CUDA GPU' in caplog.text
+    assert "full_bf16 is ignored" in caplog.text
+    w = load_file(str(tmp_path / "out" / "t.safetensors"))
+    assert w and all(v.dtype == torch.float32 for v in w.values())  # save_precision float

@@ -1,0 +1,69 @@
+"""`cache_text_encoder_outputs`: with frozen text encoders and static captions the run's losses
+equal the uncached run's, and each distinct caption goes through the text encoder once."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import train_network
+from library.train.conditioning import TextConditioner
+from tests.test_train_e2e import read_scalars
+from tools.make_demo_dataset import make_dataset
+
+
+class _CountingFamily:
+    """The real family, with every caption sent to encode_prompts recorded."""
+
+    def __init__(self, family, seen: list[str]):
+        self._family, self._seen = family, seen
+
+    def __getattr__(self, name):
+        return getattr(self._family, name)
+
+    def encode_prompts(self, components, captions, *args, **kwargs):
+        self._seen.extend(captions)
+        return self._family.encode_prompts(components, captions, *args, **kwargs)
+
+
+def run(root: Path, model: Path, data: Path, monkeypatch, *extra: str) -> list[str]:
+    """Train 4 steps (one epoch: 4 images x 2 repeats / batch 2); return the captions the text
+    encoder saw, in order."""
+    seen: list[str] = []
+
+    class Counting(TextConditioner):
+        def __init__(self, components, family, *args, **kwargs):
+            super().__init__(components, _CountingFamily(family, seen), *args, **kwargs)
+
+    monkeypatch.setattr(train_network, "TextConditioner", Counting)
+    assert train_network.main([
+        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+        "--resolution", "64", "--train_batch_size", "2", "--network_dim", "4",
+        "--learning_rate", "1e-3", "--seed", "7", "--save_precision", "float",
+        "--max_train_steps", "4", "--network_train_unet_only",
+        "--output_dir", str(root / "out"), "--output_name", "t",
+        "--logging_dir", str(root / "logs"), *extra]) == 0
+    return seen
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_cached_text_encoder_outputs_give_the_same_losses(tmp_path, request, monkeypatch,
+                                                          family):
+    model = request.getfixturevalue(f"tiny_{family}_dir")
+    data = tmp_path / "data"
+    make_dataset(data, count=4, size=64, seed=3, repeats=2)  # 4 distinct captions
+    captions = {p.read_text().strip() for p in data.glob("*/*.txt")}
+    assert len(captions) == 4
+
+    plain = run(tmp_path / "plain", model, data, monkeypatch)
+    cached = run(tmp_path / "cached", model, data, monkeypatch,
+                 "--cache_text_encoder_outputs")
+
+    # Without the cache every step encodes its batch (8 captions over 4 steps); with it each
+    # distinct caption is encoded exactly once for the whole run.
+    assert len(plain) == 8 and set(plain) == captions
+    assert sorted(cached) == sorted(captions)
+    a = read_scalars(tmp_path / "plain" / "logs")["loss/current"]
+    b = read_scalars(tmp_path / "cached" / "logs")["loss/current"]
+    assert len(a) == len(b) == 4
+    assert b == pytest.approx(a, abs=1e-6)
