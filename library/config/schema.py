@@ -135,7 +135,9 @@ class DatasetConfig:
     cache_text_encoder_outputs: bool = opt(False, "Encode every caption once (frozen "
                                            "text encoders, static captions only).")
     vae_batch_size: int = opt(1, "Images per VAE call when caching latents.", minimum=1)
-    max_data_loader_n_workers: int = opt(0, "DataLoader worker processes.",
+    max_data_loader_n_workers: int = opt(0, "Accepted for kohya compatibility; tomlora "
+                                         "loads data in the main process (latents are "
+                                         "cached), so it has no effect.",
                                          aliases=("dataloader_num_workers",), minimum=0)
     skip_bad_images: bool = opt(False, "Skip unreadable or too-small images with a warning "
                                 "instead of stopping.")

@@ -121,3 +121,21 @@ def test_center_crop_false_means_random_crop():
     assert not SubsetOptions.from_config(dataset_config()).random_crop
     assert SubsetOptions.from_config(dataset_config(center_crop=False)).random_crop
     assert SubsetOptions.from_config(dataset_config(random_crop=True)).random_crop
+
+
+def test_reg_samples_carry_prior_loss_weight(tmp_path):
+    from library.data.prepare import build_group, prepare_data
+    from tests.data.conftest import dataset_config, write_folder
+    write_folder(tmp_path / "train" / "2_subj person", 2, caption="subj")
+    write_folder(tmp_path / "reg" / "1_person", 4, caption="a person")
+    data = prepare_data(dataset_config(train_data_dir=tmp_path / "train",
+                                       reg_data_dir=tmp_path / "reg", prior_loss_weight=0.25,
+                                       train_batch_size=8), (64, 64))
+    assert data.problems == []
+    group, _ = build_group(data, 0)
+    (batch,) = group.batches(0)  # 4 train + 4 reg samples, one bucket: one batch of 8
+    out = group.collate(batch, 0, 0)
+    is_reg = [group.items[i].is_reg for i in batch]
+    assert sorted(is_reg) == [False] * 4 + [True] * 4
+    assert out["loss_weight"].tolist() == [0.25 if r else 1.0 for r in is_reg]
+    assert [c == "a person" for c in out["captions"]] == is_reg

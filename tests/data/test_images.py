@@ -280,3 +280,53 @@ def test_is_image_file(name, expected):
 
 def test_image_extensions():
     assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# --------------------------------------------------------------------------- webp and bmp
+
+
+def _noise(size=(40, 24), channels=3, seed=5):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name,kwargs", [("a.webp", {"lossless": True}), ("a.bmp", {})])
+def test_webp_lossless_and_bmp_decode_exactly(tmp_path, name, kwargs):
+    pixels = _noise()
+    path = _save(Image.fromarray(pixels), tmp_path / name, **kwargs)
+    img = load_image(path)
+    assert img.mode == "RGB" and img.size == (40, 24) and image_size(path) == (40, 24)
+    np.testing.assert_array_equal(np.asarray(img), pixels)
+
+
+def test_lossy_webp_decodes_within_codec_tolerance(tmp_path):
+    # smooth content: lossy webp at high quality stays within a few levels per channel
+    x = np.linspace(0, 255, 64)
+    pixels = np.stack([np.add.outer(x[:32] * 0, x), np.add.outer(x[:32], x * 0),
+                       np.full((32, 64), 128.0)], axis=-1).astype(np.uint8)
+    path = _save(Image.fromarray(pixels), tmp_path / "a.webp", quality=95)
+    img = np.asarray(load_image(path)).astype(int)
+    assert img.shape == pixels.shape
+    assert np.abs(img - pixels).mean() < 3 and np.abs(img - pixels).max() < 40
+
+
+def test_rgba_webp_is_composited_and_keeps_its_alpha(tmp_path):
+    pixels = _noise(channels=3)
+    alpha = np.zeros((24, 40), np.uint8)
+    alpha[:, 20:] = 255  # left half transparent, right half opaque
+    rgba = np.dstack([pixels, alpha])
+    path = _save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.webp", lossless=True, exact=True)
+    rgb, mask = load_image_with_alpha(path)
+    rgb = np.asarray(rgb)
+    np.testing.assert_array_equal(rgb[:, 20:], pixels[:, 20:])
+    assert (rgb[:, :20] == 255).all()  # composited onto white
+    np.testing.assert_array_equal(mask, alpha.astype(np.float32) / 255)
+
+
+def test_bmp_palette_and_grayscale_decode_to_rgb(tmp_path):
+    gray = _noise(channels=1)[..., 0]
+    path = _save(Image.fromarray(gray, "L"), tmp_path / "g.bmp")
+    np.testing.assert_array_equal(np.asarray(load_image(path)), np.stack([gray] * 3, -1))
+    pal = Image.fromarray(_noise()).quantize(16)
+    path = _save(pal, tmp_path / "p.bmp")
+    np.testing.assert_array_equal(np.asarray(load_image(path)), np.asarray(pal.convert("RGB")))

@@ -60,3 +60,26 @@ def test_full_bf16_on_cpu_falls_back_to_fp32_and_trains(tmp_path, tiny_sd15_dir,
     assert "full_bf16 is ignored" in caplog.text
     w = load_file(str(tmp_path / "out" / "t.safetensors"))
     assert w and all(v.dtype == torch.float32 for v in w.values())  # save_precision float
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_lora_cast_to_half_trains_on_a_full_precision_base(dtype):
+    # What full_bf16 / full_fp16 do on CUDA (network.to(dtype)), on a CPU-sized module: the
+    # LoRA casts its input to its own dtype, its gradients come out in that dtype and the
+    # output keeps the base's dtype.
+    import torch
+    from networks.lora import LoRANetwork, Target
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 8)
+    net = LoRANetwork([Target("lora_unet_x", base, 4, 4.0)]).attach().train()
+    net.to(dt)
+    m = [x for x in net.modules() if hasattr(x, "lora_up")][0]
+    torch.nn.init.normal_(m.lora_up.weight)
+    out = base(torch.randn(3, 8))
+    assert out.dtype == torch.float32
+    out.square().mean().backward()
+    assert m.lora_up.weight.dtype == dt and m.lora_up.weight.grad.dtype == dt
+    assert m.lora_down.weight.grad is not None and m.lora_down.weight.grad.abs().sum() > 0
+    assert base.weight.dtype == torch.float32  # network.to() leaves the base module alone
+    assert all(v.dtype == torch.float32 for v in net.kohya_state_dict(torch.float32).values())
