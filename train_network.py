@@ -26,6 +26,8 @@ from library.config.output import config_to_dict, config_to_toml, write_config_t
 from library.data.cache import cache_latents
 from library.data.doctor import describe_plan
 from library.data.prepare import build_group, prepare_data, validation_set
+from library.data.text_cache import cache_text_encoder_outputs, static_captions, \
+    text_cache_folder
 from library.models.attention import configure_attention_and_storage
 from library.models.loading import ModelLoadError, check_model, load_components_for
 from library.train.optimizers import make_optimizer
@@ -228,20 +230,31 @@ def main(argv: list[str] | None = None) -> int:
                                cfg.optimizer.learning_rate, cfg.optimizer.optimizer_args)
     lr_scheduler = scheduler_from_config(cfg.optimizer, optimizer, total_steps)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    if full == "full_fp16" and accelerator.scaler is not None:
-        patch_scaler_for_fp16_weights(accelerator.scaler)
+    if accelerator.scaler is not None:  # fp16: dynamic loss scaling
+        log.info("fp16: gradient scaler on (dynamic loss scaling)")
+        if full == "full_fp16":
+            patch_scaler_for_fp16_weights(accelerator.scaler)
     params = [p for p in network.parameters() if p.requires_grad]
 
     # ---- 5. caches and resume ---------------------------------------------------------------
     latents_of = LatentEncoder(c.vae, device, vae_dtype, seed)
     if d.cache_latents or d.cache_latents_to_disk:  # content-addressed (library/data/cache.py)
-        log.info(cache_latents(dataset, latents_of.sample, vae=c.vae, vae_dtype=vae_dtype,
-                               to_disk=d.cache_latents_to_disk, cache_dir=d.cache_dir,
-                               vae_batch_size=d.vae_batch_size,
-                               progress=accelerator.is_main_process).summary())
+        log.info(cache_latents(dataset, latents_of.sample_seeded, vae=c.vae,
+                               vae_dtype=vae_dtype, to_disk=d.cache_latents_to_disk,
+                               cache_dir=d.cache_dir, vae_batch_size=d.vae_batch_size,
+                               progress=accelerator.is_main_process, seed=seed,
+                               rank=accelerator.process_index,
+                               world=accelerator.num_processes).summary())  # every rank logs
+    cache_te = d.cache_text_encoder_outputs or d.cache_text_encoder_outputs_to_disk
     conditioning = TextConditioner(c, family, cfg.model.clip_skip, train_te,
-                                   keep_cache=d.cache_text_encoder_outputs,
+                                   keep_cache=cache_te,
                                    max_token_length=cfg.model.max_token_length)
+    if cache_te:  # every static caption once, before training (library/data/text_cache.py)
+        log.info(cache_text_encoder_outputs(
+            conditioning, static_captions(dataset, val_set),
+            to_disk=d.cache_text_encoder_outputs_to_disk,
+            folder=text_cache_folder(d, items), batch_size=d.train_batch_size,
+            progress=accelerator.is_main_process).summary())
     position = Position(0, 0, 0, seed)
     if cfg.saving.resume:
         position = load_state(Path(cfg.saving.resume), network=network, optimizer=optimizer,

@@ -130,10 +130,16 @@ class DatasetConfig:
     cache_latents_to_disk: bool = opt(False, "Also keep cached latents on disk (beside each "
                                       "image, or in cache_dir), keyed by image content, "
                                       "crop, flip, VAE and dtype; implies cache_latents.")
-    cache_dir: Optional[str] = opt(None, "Folder for the disk caches (default: beside each "
-                                   "image).")
+    cache_dir: Optional[str] = opt(None, "Folder for the disk caches (default: latents "
+                                   "beside each image, text-encoder outputs in "
+                                   "train_data_dir/.tomlora_te_cache).")
     cache_text_encoder_outputs: bool = opt(False, "Encode every caption once (frozen "
                                            "text encoders, static captions only).")
+    cache_text_encoder_outputs_to_disk: bool = opt(
+        False, "Also keep cached text-encoder outputs on disk, one te_*.npz file per "
+        "caption (in cache_dir, else in train_data_dir/.tomlora_te_cache) keyed by caption, "
+        "clip_skip, max_token_length, text encoders and dtype; implies "
+        "cache_text_encoder_outputs.")
     vae_batch_size: int = opt(1, "Images per VAE call when caching latents.", minimum=1)
     max_data_loader_n_workers: int = opt(0, "Accepted for kohya compatibility; tomlora "
                                          "loads data in the main process (latents are "

@@ -30,14 +30,17 @@ def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
     if lo.network_train_unet_only and lo.network_train_text_encoder_only:
         p.append(f"{locate(layers, 'network_train_text_encoder_only')}: contradicts "
                  "network_train_unet_only = true; set at most one of them")
-    if d.cache_text_encoder_outputs:
+    if d.cache_text_encoder_outputs or d.cache_text_encoder_outputs_to_disk:
+        te_key = "cache_text_encoder_outputs" if d.cache_text_encoder_outputs else \
+            "cache_text_encoder_outputs_to_disk"  # to_disk implies caching
         if not lo.network_train_unet_only and ok("network_train_unet_only"):
-            p.append(f"{locate(layers, 'cache_text_encoder_outputs')}: needs frozen text "
-                     "encoders; also set network_train_unet_only = true")
-        for key in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate"):
+            p.append(f"{locate(layers, te_key)}: needs frozen text encoders; also set "
+                     "network_train_unet_only = true")
+        for key in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
+                    "token_warmup_step"):
             if getattr(d, key):
-                p.append(f"{locate(layers, 'cache_text_encoder_outputs')}: cannot cache "
-                         f"captions that change every epoch ({key} is set); turn one off")
+                p.append(f"{locate(layers, te_key)}: cannot cache captions that change "
+                         f"every epoch ({key} is set); turn one off")
     if d.resolution is not None and ok("enable_bucket", "bucket_reso_steps"):
         step = d.bucket_reso_steps if d.enable_bucket else 8
         for side in d.resolution:

@@ -139,32 +139,43 @@ def test_contradiction_unet_only_and_text_encoder_only(write):
                    "network_train_unet_only = true; set at most one of them")
 
 
-def test_cache_text_encoder_outputs_needs_frozen_text_encoders(write):
-    f = write("c.toml", """
+TE_CACHE_KEYS = ["cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"]
+
+
+@pytest.mark.parametrize("cache_key", TE_CACHE_KEYS)
+def test_cache_text_encoder_outputs_needs_frozen_text_encoders(write, cache_key):
+    f = write("c.toml", f"""
         [dataset]
-        cache_text_encoder_outputs = true
+        {cache_key} = true
     """)
     msg = only_problem(["--config_file", f])
-    assert msg.startswith(f"{f}: [dataset] cache_text_encoder_outputs: needs frozen text "
-                          "encoders")
+    assert msg.startswith(f"{f}: [dataset] {cache_key}: needs frozen text encoders")
     assert "network_train_unet_only = true" in msg
 
 
+def test_cache_text_encoder_outputs_to_disk_flag_needs_frozen_text_encoders(write):
+    msg = only_problem(["--config_file", write("c.toml", ""),
+                        "--cache_text_encoder_outputs_to_disk"])
+    assert "cache_text_encoder_outputs_to_disk: needs frozen text encoders" in msg
+
+
+@pytest.mark.parametrize("cache_key", TE_CACHE_KEYS)
 @pytest.mark.parametrize("key, value", [
     ("shuffle_caption", "true"),
     ("caption_dropout_rate", "0.1"),
     ("caption_tag_dropout_rate", "0.1"),
+    ("token_warmup_step", "10"),
 ])
-def test_cache_text_encoder_outputs_with_changing_captions(write, key, value):
+def test_cache_text_encoder_outputs_with_changing_captions(write, key, value, cache_key):
     f = write("c.toml", f"""
         [dataset]
-        cache_text_encoder_outputs = true
+        {cache_key} = true
         {key} = {value}
         [lora]
         network_train_unet_only = true
     """)
     msg = only_problem(["--config_file", f])
-    assert msg.startswith(f"{f}: [dataset] cache_text_encoder_outputs: cannot cache captions")
+    assert msg.startswith(f"{f}: [dataset] {cache_key}: cannot cache captions")
     assert f"({key} is set)" in msg
 
 
@@ -172,6 +183,15 @@ def test_cache_text_encoder_outputs_with_unet_only_loads(write):
     f = write("c.toml", "[dataset]\ncache_text_encoder_outputs = true\n"
                         "[lora]\nnetwork_train_unet_only = true\n")
     assert load(["--config_file", f]).config.dataset.cache_text_encoder_outputs
+
+
+def test_cache_text_encoder_outputs_to_disk_from_file_and_flag(write):
+    f = write("c.toml", "[dataset]\ncache_text_encoder_outputs_to_disk = true\n"
+                        "[lora]\nnetwork_train_unet_only = true\n")
+    assert load(["--config_file", f]).config.dataset.cache_text_encoder_outputs_to_disk
+    g = write("g.toml", "[lora]\nnetwork_train_unet_only = true\n")
+    d = load(["--config_file", g, "--cache_text_encoder_outputs_to_disk"]).config.dataset
+    assert d.cache_text_encoder_outputs_to_disk and not d.cache_text_encoder_outputs
 
 
 def _runnable(tmp_path, write, extra: str = ""):

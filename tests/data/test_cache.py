@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from library.data.cache import cache_latents, vae_identity
+from library.data.cache import cache_latents, latent_seed, vae_identity
 from library.data.prepare import build_group, prepare_data
+from library.train.conditioning import LatentEncoder
 from tests.data.conftest import dataset_config, write_folder
 
 
@@ -22,7 +23,8 @@ class Encoder:
     def __init__(self, vae):
         self.vae, self.images, self.calls = vae, 0, 0
 
-    def __call__(self, px):
+    def __call__(self, px, seeds):
+        assert len(seeds) == len(px)
         self.calls += 1
         self.images += len(px)
         with torch.no_grad():
@@ -140,3 +142,29 @@ def test_cached_samples_carry_latents_and_masks(tmp_path, vae):
     enc, _ = _run(vae, again, to_disk=True)
     assert enc.images == 0
     assert torch.equal(again.collate([0], 0, 0)["alpha_mask"], batch["alpha_mask"])
+
+
+def _sampled(vae, group, seed=5, **kw):
+    enc = LatentEncoder(vae, "cpu", torch.float32, seed)
+    before = enc.gen.get_state()
+    stats = cache_latents(group, enc.sample_seeded, vae=vae, vae_dtype=torch.float32,
+                          progress=False, seed=seed, **kw)
+    assert torch.equal(enc.gen.get_state(), before)  # the per-step generator is untouched
+    return stats, {k: v for ds in group.datasets for k, v in ds.latent_cache.items()}
+
+
+def test_sampled_latents_do_not_depend_on_vae_batch_size(tmp_path, vae):
+    root = tmp_path / "train"
+    write_folder(root / "1_a", 4)
+    stats, one = _sampled(vae, _group(root, flip_aug=True), vae_batch_size=1)
+    assert (stats.encoded, stats.encoded_total, stats.world) == (8, 8, 1)
+    assert stats.summary() == "latent cache: 8 encoded, 0 read from disk, 0 already in memory"
+    _, three = _sampled(vae, _group(root, flip_aug=True), vae_batch_size=3)
+    assert one.keys() == three.keys() and len(one) == 8
+    for k in one:
+        # the same noise; batched convolutions may round the last bits differently
+        torch.testing.assert_close(one[k], three[k], atol=1e-6, rtol=0)
+    # a sample, not the mean: each (item, flip) has its own noise, and the run seed matters
+    _, other = _sampled(vae, _group(root, flip_aug=True), seed=6)
+    assert not torch.allclose(one[(0, False)], other[(0, False)])
+    assert len({latent_seed(5, 0, i, f) for i in range(4) for f in (False, True)}) == 8

@@ -83,3 +83,53 @@ def test_a_lora_cast_to_half_trains_on_a_full_precision_base(dtype):
     assert m.lora_down.weight.grad is not None and m.lora_down.weight.grad.abs().sum() > 0
     assert base.weight.dtype == torch.float32  # network.to() leaves the base module alone
     assert all(v.dtype == torch.float32 for v in net.kohya_state_dict(torch.float32).values())
+
+
+# ---- on a CUDA GPU (the device machine; skipped here) ---------------------------------------
+import torch  # noqa: E402
+
+from tests.train.test_speed import curve_and_weights  # noqa: E402
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                         reason="fp16/bf16 mixed precision, the gradient scaler and full_bf16 "
+                                "/ full_fp16 need a CUDA GPU: run on the device machine")
+
+
+@gpu
+@pytest.mark.parametrize("flags, log", [
+    (["--mixed_precision", "fp16"], "gradient scaler"),
+    (["--mixed_precision", "fp16", "--full_fp16"], "full_fp16: LoRA weights and gradients"),
+    (["--mixed_precision", "bf16"], None),
+    (["--mixed_precision", "bf16", "--full_bf16"], "full_bf16: LoRA weights and gradients"),
+], ids=["fp16", "full_fp16", "bf16", "full_bf16"])
+def test_gpu_precision_follows_the_fp32_curve(tmp_path, tiny_sd15_dir, data, flags, log,
+                                             caplog):
+    steps = ["--max_train_steps", "6"]
+    assert run(tmp_path / "fp32", tiny_sd15_dir, data, *steps) == 0
+    with caplog.at_level("INFO", logger="tomlora"):
+        assert run(tmp_path / "mp", tiny_sd15_dir, data, *steps, *flags) == 0
+    if log:
+        assert log in caplog.text
+    (a, wa), (b, wb) = curve_and_weights(tmp_path / "fp32"), curve_and_weights(tmp_path / "mp")
+    assert len(a) == len(b) == 6 and all(torch.isfinite(torch.tensor(b)))
+    assert b == pytest.approx(a, rel=5e-2)
+    ups = [k for k in wb if "lora_up" in k]
+    assert ups and all(wb[k].abs().sum() > 0 for k in ups)  # trained off the zero init
+    for k in wa:
+        assert wb[k].dtype == torch.float32  # save_precision float
+        torch.testing.assert_close(wb[k], wa[k], rtol=0.1, atol=2e-3)
+
+
+@gpu
+def test_gpu_fp16_resume_restores_the_gradient_scaler(tmp_path, tiny_sd15_dir, data):
+    fp16 = ["--mixed_precision", "fp16", "--max_train_steps", "6"]
+    assert run(tmp_path / "a", tiny_sd15_dir, data, *fp16, "--save_every_n_steps", "3",
+               "--save_state") == 0
+    state = tmp_path / "a" / "out" / "t-step00000003-state"
+    blob = torch.load(state / "training.pt", weights_only=False)
+    assert blob["scaler"] is not None and blob["scaler"]["scale"] > 0
+    assert run(tmp_path / "b", tiny_sd15_dir, data, *fp16, "--resume", str(state)) == 0
+    (a, wa), (b, wb) = curve_and_weights(tmp_path / "a"), curve_and_weights(tmp_path / "b")
+    assert len(b) == 3 and b == pytest.approx(a[3:], rel=1e-3)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-2, atol=1e-4)

@@ -1,5 +1,6 @@
-"""`cache_text_encoder_outputs`: with frozen text encoders and static captions the run's losses
-equal the uncached run's, and each distinct caption goes through the text encoder once."""
+"""`cache_text_encoder_outputs` (and `_to_disk`): with frozen text encoders and static captions
+the run's losses equal the uncached run's, and each distinct caption goes through the text
+encoder once; a second disk-cached run encodes nothing."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,16 +47,38 @@ def run(root: Path, model: Path, data: Path, monkeypatch, *extra: str) -> list[s
     return seen
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_cached_text_encoder_outputs_give_the_same_losses(tmp_path, request, monkeypatch,
-                                                          family):
-    model = request.getfixturevalue(f"tiny_{family}_dir")
-    data = tmp_path / "data"
+def losses(root: Path) -> list[float]:
+    return read_scalars(root / "logs")["loss/current"]
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory):
+    """family -> (captions seen, losses) of the uncached run, trained once per module."""
+    done: dict = {}
+
+    def plain(family: str, model: Path, data: Path):
+        if family not in done:
+            root = tmp_path_factory.mktemp(f"plain-{family}")
+            with pytest.MonkeyPatch.context() as mp:
+                done[family] = (run(root, model, data, mp), losses(root))
+        return done[family]
+    return plain
+
+
+def dataset(root: Path) -> tuple[Path, set[str]]:
+    data = root / "data"
     make_dataset(data, count=4, size=64, seed=3, repeats=2)  # 4 distinct captions
     captions = {p.read_text().strip() for p in data.glob("*/*.txt")}
     assert len(captions) == 4
+    return data, captions
 
-    plain = run(tmp_path / "plain", model, data, monkeypatch)
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_cached_text_encoder_outputs_give_the_same_losses(tmp_path, request, monkeypatch,
+                                                          family, plain_runs):
+    model = request.getfixturevalue(f"tiny_{family}_dir")
+    data, captions = dataset(tmp_path)
+    plain, plain_losses = plain_runs(family, model, data)
     cached = run(tmp_path / "cached", model, data, monkeypatch,
                  "--cache_text_encoder_outputs")
 
@@ -63,7 +86,28 @@ def test_cached_text_encoder_outputs_give_the_same_losses(tmp_path, request, mon
     # distinct caption is encoded exactly once for the whole run.
     assert len(plain) == 8 and set(plain) == captions
     assert sorted(cached) == sorted(captions)
-    a = read_scalars(tmp_path / "plain" / "logs")["loss/current"]
-    b = read_scalars(tmp_path / "cached" / "logs")["loss/current"]
-    assert len(a) == len(b) == 4
-    assert b == pytest.approx(a, abs=1e-6)
+    b = losses(tmp_path / "cached")
+    assert len(plain_losses) == len(b) == 4
+    assert b == pytest.approx(plain_losses, abs=1e-6)
+    assert not (data / ".tomlora_te_cache").exists()  # memory only
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_disk_cached_text_encoder_outputs_are_reused(tmp_path, request, monkeypatch, family,
+                                                     plain_runs):
+    model = request.getfixturevalue(f"tiny_{family}_dir")
+    data, captions = dataset(tmp_path)
+    _, plain_losses = plain_runs(family, model, data)
+
+    first = run(tmp_path / "first", model, data, monkeypatch,
+                "--cache_text_encoder_outputs_to_disk")  # implies the memory cache
+    files = sorted((data / ".tomlora_te_cache").iterdir())
+    assert sorted(first) == sorted(captions)
+    assert len(files) == 4 and all(f.name.startswith("te_") and f.suffix == ".npz"
+                                   for f in files)
+    second = run(tmp_path / "second", model, data, monkeypatch,
+                 "--cache_text_encoder_outputs_to_disk")
+    assert second == []  # every caption read from disk
+    assert sorted((data / ".tomlora_te_cache").iterdir()) == files
+    for name in ("first", "second"):
+        assert losses(tmp_path / name) == pytest.approx(plain_losses, abs=1e-6), name
