@@ -51,8 +51,9 @@ def test_fp8_base_on_cpu_is_skipped_with_a_warning(folder_components, caplog):
 
 def test_fp8_storage_computes_in_bf16_and_trains_a_lora(folder_components):
     """The path fp8_base takes on GPU, run on CPU: Linear/Conv weights stored as
-    float8_e4m3fn and upcast per layer; a LoRA attached afterwards wraps the upcasting
-    forward, and backward works (it needs the upcast weights, not the stored ones)."""
+    float8_e4m3fn and upcast per layer; a LoRA attached afterwards wraps the fp8 forward, and
+    backward works (the fp8 autograd functions upcast the stored weights again;
+    tests/models/test_fp8.py compares them with the plain upcast path)."""
     c = unet_copy(folder_components)
     unet = c.unet.to(torch.bfloat16)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
