@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 3. models ---------------------------------------------------------------------
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     mp = cfg.training.mixed_precision
     full = "full_bf16" if cfg.training.full_bf16 else "full_fp16" if cfg.training.full_fp16 \
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(f"{full} is ignored: without mixed precision the LoRA weights stay "
                         "fp32")
         mp, full = "no", None
+    # accelerate keeps its settings in a process-wide singleton that refuses a second run's
+    # mixed_precision (tests, notebooks, in-process sweeps): start it afresh, keeping the
+    # process group of `accelerate launch` (PartialState)
+    AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu` use gloo
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum,
                               cpu=not torch.cuda.is_available())

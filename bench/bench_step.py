@@ -14,7 +14,10 @@ text-encoder outputs (random tensors of the right shapes), max_grad_norm 1.0.
 
 Reports images/s, ratio to the reference, MFU (FLOPs of one step from
 torch.utils.flop_counter over a bf16 8192^3 matmul measured in the same run), peak
-torch.cuda.max_memory_allocated and the time from building the UNet to the end of step 1.
+torch.cuda.max_memory_allocated of the training steps (counted from the end of the build,
+resident weights included: the build makes fp32 weights on the GPU before casting them, which
+a training run loading fp16 files never does; `build_peak_gib` in the JSON has that figure)
+and the time from building the UNet to the end of step 1.
 
     python bench/bench_step.py [--workloads sd15-512-b1,...] [--steps 20] [--json out.json]
 """
@@ -245,6 +248,11 @@ def run(kind: str, workload: str, rank: int, steps: int, warmup: int, peak: floa
     t0 = time.perf_counter()
     unet, step, modules = setup(kind, family, rank)
     lat, cond, batch = make_batch(family, reso, b)
+    build_peak = 0.0
+    if DEVICE == "cuda":  # the build makes fp32 weights on the GPU before the cast; a
+        # training run loads fp16/bf16 weights, so the step peak is counted from here
+        build_peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     step(lat, cond, batch)
     sync()
     first = time.perf_counter() - t0
@@ -268,6 +276,7 @@ def run(kind: str, workload: str, rank: int, steps: int, warmup: int, peak: floa
               "images_per_s": b * steps / dt, "step_ms": 1000 * dt / steps,
               "tflop_per_image": flops[workload] / b / 1e12,
               "mfu": flops[workload] * steps / dt / peak, "peak_gib": peak_gib,
+              "build_peak_gib": build_peak,
               "first_step_s": first, "loss": float(loss)}
     if profile_it and DEVICE == "cuda":
         result.update(gpu_profile(step, lat, cond, batch))
