@@ -21,8 +21,9 @@ SHIPPED = [
     "examples/seed_002_sdxl.toml",
     "examples/tiny_demo.toml",
     "presets/fast.toml",
+    "presets/fast_compile.toml",
 ]
-SHIPPED_COUNT = 3
+SHIPPED_COUNT = 4
 PLANNED_REASON = "sampling lands with issue 8"
 
 
