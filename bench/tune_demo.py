@@ -5,12 +5,14 @@ train_network.main and measure each with tools.learning_report.lora_effect.
         "big --max_train_steps 100 --network_args conv_dim=8 conv_alpha=8" ...
 
 Each argument is `<variant> <extra CLI flags>`; variant `orig` is tools/make_demo_dataset.py
-as committed, `big` a larger star in a thicker ring. Prints one JSON line per run.
+as committed, `big` a larger star in a thicker ring; a `+reg` suffix (`big+reg`) adds 20
+shapes-world pictures as regularization images. Prints one JSON line per run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shlex
 import sys
 import tempfile
@@ -38,6 +40,18 @@ def big(size, background, rng):
     return c.image()
 
 
+def write_reg_scenes(root: Path, seed: int, count: int = 20) -> Path:
+    """`count` captioned shapes-world pictures as regularization images (`1_scene`)."""
+    folder = root / "1_scene"
+    folder.mkdir(parents=True)
+    rng = random.Random(seed + 99)
+    for i in range(count):
+        scene = shapes.random_scene(rng, 32)
+        shapes.draw_scene(scene, 32).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(scene.caption + "\n")
+    return root
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
@@ -53,18 +67,8 @@ def main() -> int:
         for seed in [int(s) for s in a.seeds.split(",")]:
             tmp = Path(tempfile.mkdtemp())
             mdd.make_dataset(tmp / "data", size=32, seed=seed)
-            if "reg" in variant:
-                import random as _r
-                reg = tmp / "reg" / "1_scene"
-                reg.mkdir(parents=True)
-                rng = _r.Random(seed + 99)
-                for i in range(int(variant.split("reg")[1] or 20)):
-                    sc = shapes.random_scene(rng, 32)
-                    shapes.draw_scene(sc, 32).save(reg / f"{i:03d}.png")
-                    (reg / f"{i:03d}.txt").write_text(sc.caption + "\n")
-                extra_reg = ["--reg_data_dir", str(tmp / "reg")]
-            else:
-                extra_reg = []
+            reg = write_reg_scenes(tmp / "reg", seed) if variant.endswith("+reg") else None
+            extra_reg = ["--reg_data_dir", str(reg)] if reg else []
             t = time.time()
             rc = train_network.main([
                 "--config_file", str(ROOT / "configs/examples/tiny_demo.toml"),

@@ -29,8 +29,8 @@ class TextConditioner:
                 return self.family.encode_prompts(self.c, captions, self.clip_skip,
                                                   self.max_token_length)
         missing = [t for t in dict.fromkeys(captions) if t not in self.cache]
-        for t, out in zip(missing, self.encode(missing) if missing else ()):
-            self.cache[t] = out
+        if missing:
+            self.cache.update(zip(missing, self.encode(missing)))
         first = self.cache[captions[0]]
         cond = {k: torch.stack([self.cache[t][k] for t in captions]) for k in first}
         if not self.keep:
