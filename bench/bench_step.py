@@ -138,6 +138,10 @@ VARIANTS = {  # name -> the [training] / [model] / [optimizer] settings of train
     "ours+graphs": {"cuda_graphs": True},
     "ours+graphs+compile": {"cuda_graphs": True, "compile": True},
     "ours+graphs+compile+cl": {"cuda_graphs": True, "compile": True, "channels_last": True},
+    "ours+graphs+cudnn": {"cuda_graphs": True, "sdpa_backend": "cudnn"},
+    "ours+graphs+compile+cudnn": {"cuda_graphs": True, "compile": True, "sdpa_backend": "cudnn"},
+    "ours+graphs+compile+efficient": {"cuda_graphs": True, "compile": True,
+                                      "sdpa_backend": "efficient"},
 }
 
 
@@ -207,15 +211,32 @@ def matmul_peak() -> float:
     return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t0)
 
 
-def step_flops(step, lat, cond, batch) -> float:
+FLOP_KINDS = {"attention": ("attention",), "convolution": ("convolution",),
+              "matmul": ("mm", "addmm", "bmm", "baddbmm")}
+STEP_FLOPS_BY_KIND: dict = {}  # workload -> {kind: flops}, beside `flops` (the totals)
+
+
+def step_flops(step, lat, cond, batch, workload: str = "") -> float:
+    """FLOPs of one step (forward + backward); the split by KERNEL_KINDS' compute kinds goes
+    to STEP_FLOPS_BY_KIND[workload], so the profile can give each kind's TFLOP/s."""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
         step(lat, cond, batch)
+    split = {}
+    for op, n in fc.get_flop_counts().get("Global", {}).items():
+        name = str(op).split(".")[1] if "." in str(op) else str(op)
+        kind = next((k for k, pats in FLOP_KINDS.items()
+                     if any(p in name if k == "attention" else name.startswith(p)
+                            for p in pats)), "other")
+        split[kind] = split.get(kind, 0) + int(n)
+    STEP_FLOPS_BY_KIND[workload] = split
     return float(fc.get_total_flops())
 
 
 def setup(kind: str, family: str, rank: int, dtype=torch.bfloat16):
+    from library.models.attention import set_sdpa_backend
     torch._dynamo.reset()  # each kind compiles (or not) on its own
+    set_sdpa_backend(VARIANTS.get(kind, {}).get("sdpa_backend", "auto"))  # as the trainer
     if kind == "reference":
         return reference_setup(family, rank)
     return ours_setup(family, rank, kind, dtype)
@@ -235,7 +256,35 @@ def gpu_profile(step, lat, cond, batch, n: int = 3) -> dict:
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     busy = sum(e.device_time for e in kernels) / 1e6  # us -> s (kernels do not overlap here)
     return {"gpu_busy": busy / wall, "kernels_per_step": len(kernels) / n,
-            "gpu_ms_per_step": 1000 * busy / n}
+            "gpu_ms_per_step": 1000 * busy / n, **kernel_breakdown(kernels, n)}
+
+
+# Kernel name -> where the time goes; the first pattern found in the lower-cased name wins.
+# Attention first (cuDNN's fused attention is also a "cudnn" kernel), then convolutions
+# (cuDNN / CUTLASS implicit GEMMs: fprop, dgrad, wgrad), then the remaining GEMMs.
+KERNEL_KINDS = [
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "splitk")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("norm", ("norm", "welford")),
+    ("fused elementwise (inductor)", ("triton",)),
+    ("copy", ("memcpy", "memset", "copy", "cat")),
+    ("elementwise / reduction", ("elementwise", "reduce", "vectorized", "unrolled")),
+]
+
+
+def kernel_breakdown(kernels, n: int) -> dict:
+    """GPU ms per step by kind of kernel (KERNEL_KINDS) and the ten costliest kernels."""
+    by_kind, by_name = {}, {}
+    for e in kernels:
+        name = e.name.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.device_time / 1e3 / n
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / n
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
+    return {"gpu_ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms": [[name[:160], ms] for name, ms in top]}
 
 
 def run(kind: str, workload: str, rank: int, steps: int, warmup: int, peak: float,
@@ -267,10 +316,10 @@ def run(kind: str, workload: str, rank: int, steps: int, warmup: int, peak: floa
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
     if workload not in flops:  # counted on an eager step: the counter does not see into
         if kind in ("reference", "ours"):  # compiled code or CUDA graph replays
-            flops[workload] = step_flops(step, lat, cond, batch)
+            flops[workload] = step_flops(step, lat, cond, batch, workload)
         else:
             _, eager_step, _ = ours_setup(family, rank)
-            flops[workload] = step_flops(eager_step, lat, cond, batch)
+            flops[workload] = step_flops(eager_step, lat, cond, batch, workload)
             del eager_step
     result = {"kind": kind, "workload": workload, "lora_modules": modules,
               "images_per_s": b * steps / dt, "step_ms": 1000 * dt / steps,
@@ -280,6 +329,10 @@ def run(kind: str, workload: str, rank: int, steps: int, warmup: int, peak: floa
               "first_step_s": first, "loss": float(loss)}
     if profile_it and DEVICE == "cuda":
         result.update(gpu_profile(step, lat, cond, batch))
+        split = STEP_FLOPS_BY_KIND.get(workload, {})
+        result["tflops_by_kind"] = {  # achieved TFLOP/s of each compute kind in this step
+            k: split[k] / (ms / 1e3) / 1e12 for k, ms in result["gpu_ms_by_kind"].items()
+            if split.get(k) and ms > 0}
     del unet, step
     return result
 
@@ -369,6 +422,12 @@ def main(argv=None) -> int:
         print(f"| {r['workload']} | {r['kind']} | {r['lora_modules']} | {r['images_per_s']:.2f} "
               f"| {ratio:.2f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | "
               f"{r['first_step_s']:.1f} | {busy} | {kern} |")
+    for r in rows:
+        if "gpu_ms_by_kind" in r:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in r["gpu_ms_by_kind"].items())
+            print(f"GPU ms per step, {r['workload']} {r['kind']}: {parts}")
+            rates = ", ".join(f"{k} {v:.0f}" for k, v in r.get("tflops_by_kind", {}).items())
+            print(f"  achieved TFLOP/s by kind: {rates}")
     for g in guards:
         print(f"guard {g['guard']} {g['kind']}: max rel diff {g['max_rel_diff']:.4f}, mean "
               f"{g['mean_rel_diff']:.4f} over {g['steps']} steps")

@@ -65,6 +65,11 @@ class ModelConfig:
     xformers: bool = opt(False, "Use xformers memory-efficient attention (GPU extra).",
                          aliases=("enable_xformers_memory_efficient_attention",))
     sdpa: bool = opt(True, "Use torch scaled-dot-product attention (the default).")
+    sdpa_backend: str = opt("auto", "Which SDPA kernel to prefer on CUDA: `auto` (torch's "
+                            "order: flash, then memory-efficient), `cudnn`, `flash`, "
+                            "`efficient` or `math`; a shape the preferred kernel cannot run "
+                            "falls back to the next. Ignored on CPU.",
+                            choices=("auto", "cudnn", "flash", "efficient", "math"))
     fp8_base: bool = opt(False, "Store the frozen UNet weights as float8_e4m3fn, computed "
                          "in the mixed_precision dtype (CUDA only; skipped on CPU).")
 

@@ -43,6 +43,7 @@ def check_training_keys(cfg: Config, layers: Layers, ok, *, check_env: bool = Tr
                  f"{o.lr_scheduler_min_lr_ratio} is above 1; use a fraction like 0.1")
     check_timesteps(cfg, layers, ok)
     check_precision(cfg, layers, ok)
+    check_attention(cfg, layers, ok)
     if tr.adaptive_noise_scale is not None and not tr.noise_offset and ok("noise_offset"):
         p.append(f"{locate(layers, 'adaptive_noise_scale')}: needs noise_offset; set "
                  "noise_offset (e.g. 0.05) or remove adaptive_noise_scale")
@@ -81,3 +82,15 @@ def check_precision(cfg: Config, layers: Layers, ok) -> None:
             p.append(f"{locate(layers, key)}: needs mixed_precision = \"{want}\" (it is "
                      f"\"{tr.mixed_precision}\"); set mixed_precision = \"{want}\" or remove "
                      f"{key}")
+
+
+def check_attention(cfg: Config, layers: Layers, ok) -> None:
+    """sdpa_backend picks a kernel of PyTorch SDPA, so it needs SDPA to be the attention."""
+    m = cfg.model
+    if m.sdpa_backend == "auto" or not ok("sdpa_backend"):
+        return
+    other = "xformers = true" if m.xformers else "sdpa = false" if not m.sdpa else None
+    if other:
+        layers.problems.append(
+            f"{locate(layers, 'sdpa_backend')}: \"{m.sdpa_backend}\" chooses a PyTorch SDPA "
+            f"kernel, but {other} means SDPA is not used; remove one of the two")

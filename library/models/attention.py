@@ -13,6 +13,11 @@
   of bf16 during training as well as at rest (as kohya's fp8_base). CUDA-only; on CPU it is
   skipped with a warning. It must run before the LoRA attaches: LoRA then wraps the fp8
   forward.
+- `sdpa_backend`: which SDPA kernel PyTorch tries first on CUDA (`set_sdpa_backend`). torch's
+  own order is flash, memory-efficient, math, with cuDNN last; `cudnn` moves cuDNN's fused
+  attention first (faster on Hopper in docs/BENCHMARKS.md). A shape the preferred kernel
+  cannot run (e.g. a head size it does not support) falls back to the next in the order, so
+  every choice trains the same model. The order is process state: each run sets it.
 """
 from __future__ import annotations
 
@@ -25,6 +30,33 @@ from library.models.errors import ModelLoadError
 from library.models.fp8 import FP8, FP8_KEEP, _upcasting_forward, store_fp8  # noqa: F401
 
 log = logging.getLogger("tomlora")
+
+
+from torch.nn.attention import SDPBackend
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+_TORCH_ORDER = [int(b) for b in torch._C._get_sdp_priority_order()]  # as torch starts
+
+
+def set_sdpa_backend(name: str) -> str:
+    """Put SDPA backend `name` first in torch's kernel order (`auto`: torch's own order) and
+    make sure it is enabled; the others stay enabled behind it as fallbacks. Returns a line
+    for the log."""
+    order = list(_TORCH_ORDER)
+    if name != "auto":
+        first = int(SDPA_BACKENDS[name])
+        order = [first] + [b for b in order if b != first]
+        getattr(torch.backends.cuda, {"flash": "enable_flash_sdp", "cudnn": "enable_cudnn_sdp",
+                                      "efficient": "enable_mem_efficient_sdp",
+                                      "math": "enable_math_sdp"}[name])(True)
+    torch._C._set_sdp_priority_order(order)
+    return f"SDPA kernels tried in the order {', '.join(sdpa_order())}"
+
+
+def sdpa_order() -> list[str]:
+    names = {int(v): k for k, v in SDPA_BACKENDS.items()}
+    return [names[int(b)] for b in torch._C._get_sdp_priority_order() if int(b) in names]
 
 
 def check_xformers(model_cfg) -> None:
@@ -56,6 +88,11 @@ def configure_attention_and_storage(c, model_cfg, device, weight_dtype: torch.dt
         from diffusers.models.attention_processor import AttnProcessor2_0
         c.unet.set_attn_processor(AttnProcessor2_0())
         done.append("SDPA attention")
+        if on_gpu:
+            done.append(set_sdpa_backend(model_cfg.sdpa_backend))
+        elif model_cfg.sdpa_backend != "auto":
+            log.warning(f"sdpa_backend = \"{model_cfg.sdpa_backend}\" applies to CUDA; "
+                        "the CPU runs its own SDPA kernel")
     if model_cfg.fp8_base:
         if on_gpu:
             n = store_fp8(c.unet, weight_dtype)

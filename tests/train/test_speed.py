@@ -53,12 +53,71 @@ def test_cuda_graphs_fall_back_on_cpu_with_a_reason():
     assert training_unet(unet, net, SimpleNamespace(cuda_graphs=False), "cpu") == (unet, None)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="CUDA graphs and GPU compile need a CUDA GPU: run on the device "
-                           "machine (docs/BENCHMARKS.md)")
+def test_sdpa_backend_sets_the_kernel_order_and_auto_restores_it():
+    from library.models.attention import set_sdpa_backend, sdpa_order
+    torch_order = sdpa_order()
+    try:
+        assert "cudnn, flash" in set_sdpa_backend("cudnn")
+        assert sdpa_order()[0] == "cudnn" and sorted(sdpa_order()) == sorted(torch_order)
+        set_sdpa_backend("efficient")
+        assert sdpa_order()[0] == "efficient"
+    finally:
+        set_sdpa_backend("auto")
+    assert sdpa_order() == torch_order
+
+
+def test_sdpa_backend_needs_sdpa(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--sdpa_backend", "cudnn", "--xformers"], check_paths=False)
+    assert "sdpa_backend" in str(e.value) and "xformers = true" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(["--sdpa_backend", "flashest"], check_paths=False)
+    assert "cudnn" in str(e.value)
+
+
+def test_sdpa_backend_on_cpu_warns_and_trains(tmp_path, tiny_sd15_dir, data, caplog):  # noqa: F811
+    with caplog.at_level("WARNING", logger="tomlora"):
+        assert run(tmp_path, tiny_sd15_dir, data, "--max_train_steps", "1",
+                   "--sdpa_backend", "cudnn") == 0
+    assert 'sdpa_backend = "cudnn" applies to CUDA' in caplog.text
+
+
+GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="CUDA graphs, GPU compile and SDPA kernel choice need a "
+                                     "CUDA GPU: run on the device machine (docs/BENCHMARKS.md)")
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient"])
+def test_gpu_sdpa_backend_runs_that_kernel(backend):
+    """The preferred kernel really runs (seen in the profiler), forward and backward, and
+    gives the result of the math kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from library.models.attention import set_sdpa_backend
+    q, k, v = (torch.randn(2, 8, 1024, 64, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    want = {"cudnn": "cudnn", "flash": "flash", "efficient": "fmha"}[backend]
+    try:
+        set_sdpa_backend(backend)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            out.float().square().sum().backward()
+            torch.cuda.synchronize()
+    finally:
+        set_sdpa_backend("auto")
+    names = " ".join(e.name.lower() for e in prof.events())
+    assert want in names, names[:2000]
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@GPU_ONLY
 @pytest.mark.parametrize("flags", [["--cuda_graphs"], ["--cuda_graphs", "--compile"],
-                                   ["--compile", "--compile_mode", "reduce-overhead"]],
-                         ids=["graphs", "graphs+compile", "compile-cudagraphs"])
+                                   ["--compile", "--compile_mode", "reduce-overhead"],
+                                   ["--cuda_graphs", "--compile", "--sdpa_backend", "cudnn"]],
+                         ids=["graphs", "graphs+compile", "compile-cudagraphs",
+                              "graphs+compile+cudnn"])
 def test_gpu_toggle_keeps_the_loss_curve(tmp_path, tiny_sd15_dir, data, flags,  # noqa: F811
                                          caplog):
     bf16 = ["--mixed_precision", "bf16", "--max_train_steps", "4"]
@@ -67,6 +126,8 @@ def test_gpu_toggle_keeps_the_loss_curve(tmp_path, tiny_sd15_dir, data, flags,  
         assert run(tmp_path / "fast", tiny_sd15_dir, data, *bf16, *flags) == 0
     if "--cuda_graphs" in flags:
         assert "CUDA graphs of the UNet" in caplog.text
+    if "--sdpa_backend" in flags:
+        assert "SDPA kernels tried in the order cudnn" in caplog.text
     (a, wa), (b, wb) = curve_and_weights(tmp_path / "eager"), curve_and_weights(tmp_path / "fast")
     assert len(a) == len(b) == 4
     assert b == pytest.approx(a, rel=2e-2)
