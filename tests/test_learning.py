@@ -39,12 +39,13 @@ def model() -> Path:
 
 def test_base_model_follows_prompts(model):
     # Chance levels: background 1/6, shape colour 1/5, shape 1/3. Measured on the committed
-    # model (n=12, seed 0): background 0.83, colour 0.75, shape 0.42 (docs/TINY_MODEL.md):
-    # the colours follow the prompt well, the shape only a little above chance.
-    r = prompt_following(model, n=12, seed=0)
-    assert r["background"] >= 0.75, r
-    assert r["colour"] >= 0.6, r
-    assert r["shape"] > 1 / 3, r
+    # model (n=24, seed 0): background 0.96, colour 0.79, shape 0.50 (docs/TINY_MODEL.md):
+    # the colours follow the prompt well, the shape clearly above chance. n=24, not 12: at 12
+    # one picture moves the shape figure by 0.08, and seed 0's 12 land exactly at chance.
+    r = prompt_following(model, n=24, seed=0)
+    assert r["background"] >= 0.85, r
+    assert r["colour"] >= 0.65, r
+    assert r["shape"] >= 0.42, r
 
 
 def train_demo(tmp_path: Path, model: Path, seed: int) -> Path:

@@ -36,7 +36,7 @@ SIZE = 32  # pixels; latents are SIZE / 4
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    vae_steps: int = 1200
+    vae_steps: int = 3000
     vae_batch: int = 16
     vae_lr: float = 3e-3
     vae_scene_share: float = 0.5  # share of VAE pictures from the shapes world itself
