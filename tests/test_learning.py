@@ -64,9 +64,10 @@ def train_demo(tmp_path: Path, model: Path, seed: int) -> Path:
 
 
 @pytest.mark.xfail(strict=True, reason="issue 10 is open: with the committed tiny model the demo "
-                   "LoRA learns the zorblat's backgrounds and ring only faintly (0-17 % of "
-                   "trigger samples pass the colour measure, docs/TINY_MODEL.md); strict, so "
-                   "this fails loudly once the learning works and the marker must go")
+                   "LoRA learns the zorblat's purple and backgrounds but not its orange ring "
+                   "(17 % of trigger samples pass the two-colour measure, docs/TINY_MODEL.md); "
+                   "strict, so this fails loudly once the learning works and the marker must "
+                   "go")
 @pytest.mark.parametrize("seed", SEEDS)
 def test_lora_learns_the_trigger_and_keeps_the_base(seed, tmp_path, model):
     lora = train_demo(tmp_path, model, seed)
