@@ -40,7 +40,7 @@ from library.train.saving import bucket_info, build_metadata, config_json, finge
 from library.train.noise import apply_zero_terminal_snr
 from library.train.schedulers import scheduler_from_config
 from library.train.speed import configure_speed, step_begin, training_unet
-from library.train.step import LossSettings, diffusion_loss
+from library.train.step import LossSettings, batch_to_device, diffusion_loss
 from library.train.state import Position, StateError, load_state, read_position, \
     resume_warning, save_state
 from library.train.tracking import LossAverage, Tracker, lr_scalars, run_dir, step_scalars
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return fail("LoRA network error", [str(e)])
     network.attach().train()
-    for note in configure_speed(c.unet, cfg.training):  # channels_last, compile (after attach)
+    for note in configure_speed(c.unet, cfg.training, network):  # after the attach
         log.info(note)
     unet, note = training_unet(c.unet, network, cfg.training, device)  # cuda_graphs
     if note and unet is c.unet:
@@ -325,10 +325,11 @@ def main(argv: list[str] | None = None) -> int:
                     slot += len(global_batch)  # resumed: this batch was trained already
                     continue
                 local = shard(global_batch, rank, world)
-                batch = dataset.collate(local, epoch, slot + len(global_batch) * rank // world,
-                                        global_step, total_steps)
+                batch = batch_to_device(dataset.collate(
+                    local, epoch, slot + len(global_batch) * rank // world, global_step,
+                    total_steps), device, cfg.training.pin_memory)
                 slot += len(global_batch)
-                latents = batch["latents"].to(device) if "latents" in batch else \
+                latents = batch["latents"] if "latents" in batch else \
                     latents_of.sample(batch["pixels"])
                 step_begin(cfg.training)  # CUDA graphs: the last step's outputs are free
                 with torch.set_grad_enabled(train_te):

@@ -142,6 +142,10 @@ VARIANTS = {  # name -> the [training] / [model] / [optimizer] settings of train
     "ours+graphs+compile+cudnn": {"cuda_graphs": True, "compile": True, "sdpa_backend": "cudnn"},
     "ours+graphs+compile+efficient": {"cuda_graphs": True, "compile": True,
                                       "sdpa_backend": "efficient"},
+    "ours+graphs+cudnn+qkv": {"cuda_graphs": True, "sdpa_backend": "cudnn",
+                              "batch_qkv_lora": True},
+    "ours+graphs+compile+cudnn+qkv": {"cuda_graphs": True, "compile": True,
+                                      "sdpa_backend": "cudnn", "batch_qkv_lora": True},
 }
 
 
@@ -169,9 +173,10 @@ def ours_setup(family: str, rank: int, variant: str = "ours", dtype=torch.bfloat
     speed = SimpleNamespace(compile=v.get("compile", False),
                             compile_mode=v.get("compile_mode", "default"),
                             channels_last=v.get("channels_last", False),
+                            batch_qkv_lora=v.get("batch_qkv_lora", False),
                             cuda_graphs=v.get("cuda_graphs", False),
                             gradient_checkpointing=v.get("gradient_checkpointing", False))
-    configure_speed(unet, speed)
+    configure_speed(unet, speed, net)
     call, _ = training_unet(unet, net, speed, DEVICE)
     params = list(net.parameters())
     opt = make_optimizer(v.get("optimizer", "AdamW"), [{"params": params}], 1e-4, {})

@@ -65,6 +65,7 @@ class LoRAModule(nn.Module):
         self._attached = False
         self._saved_forward = None
         self._merged_backup: torch.Tensor | None = None
+        self._shared: SharedInputDown | None = None  # set by LoRANetwork.share_input
 
     @property
     def base(self) -> nn.Module:
@@ -99,9 +100,20 @@ class LoRAModule(nn.Module):
         self._attached = False
 
     # ---- math --------------------------------------------------------------------------
+    def lora_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the down projection takes it: in the LoRA weights' dtype, except under
+        autocast, which casts x and the weights to its own dtype anyway (a cast to fp32
+        first would only add a copy of the activation per module and step)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return x
+        return x.to(self.lora_down.weight.dtype)
+
     def lora_out(self, x: torch.Tensor) -> torch.Tensor:
         """multiplier * scale * up(down(x)), computed in the LoRA weights' dtype."""
-        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if self._shared is not None:
+            lx = self._shared.down(self, x)
+        else:
+            lx = self.lora_down(self.lora_input(x))
         scale = self.multiplier * self.scale
         if self.training and self.dropout > 0:
             lx = F.dropout(lx, p=self.dropout)
@@ -150,6 +162,49 @@ class LoRAModule(nn.Module):
         self._merged_backup = None
 
 
+class SharedInputDown:
+    """One down projection for Linear LoRA modules whose base layers read the same input
+    (the q, k and v projections of an attention layer): `torch.cat` of their down weights,
+    one matmul, and each module takes its slice. Forward and backward then read the
+    activation once instead of once per module, and the backward's input gradient is one
+    matmul instead of several plus their sum (`batch_qkv_lora`, docs/TRAINING.md Speed).
+
+    Whichever member is called first with an input computes every member's slice and keeps
+    the others for them; a member called with another tensor object (not the same input)
+    computes its own down projection, so the result never depends on the call order. The
+    parameters stay the modules' own: saving, loading and the optimizer see no difference.
+    """
+
+    def __init__(self, members: list[LoRAModule]):
+        if len(members) < 2:
+            raise ValueError("a shared-input group needs at least two LoRA modules")
+        if not all(isinstance(m.lora_down, nn.Linear) for m in members):
+            raise TypeError("shared-input groups are for Linear LoRA modules")
+        if len({m.lora_down.in_features for m in members}) != 1:
+            raise ValueError("the modules of a shared-input group must take the same input "
+                             "width")
+        self.members = list(members)
+        self._input: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def down(self, member: LoRAModule, x: torch.Tensor) -> torch.Tensor:
+        i = self.members.index(member)
+        if self._input is x and i in self._pending:
+            part = self._pending.pop(i)
+            if not self._pending:
+                self._input = None
+            return part
+        weight = torch.cat([m.lora_down.weight for m in self.members])
+        parts = F.linear(member.lora_input(x), weight).split(
+            [m.rank for m in self.members], dim=-1)
+        self._input = x
+        self._pending = {j: p for j, p in enumerate(parts) if j != i}
+        return parts[i]
+
+    def clear(self) -> None:
+        self._input, self._pending = None, {}
+
+
 class LoRANetwork(nn.Module):
     """All LoRA modules of one run, keyed by kohya key stem."""
 
@@ -186,6 +241,30 @@ class LoRANetwork(nn.Module):
     def merge(self) -> None:
         for m in self:
             m.merge()
+
+    def share_input(self, members: list[LoRAModule]) -> None:
+        """Compute the down projections of `members` (Linear LoRA modules of this network
+        whose base layers are called with the same input) as one matmul: SharedInputDown."""
+        mine = set(map(id, self))
+        if any(id(m) not in mine for m in members):
+            raise ValueError("share_input: every member must be a module of this network")
+        group = SharedInputDown(members)
+        for m in members:
+            if m._shared is not None:
+                raise ValueError(f"{m.lora_name} is in a shared-input group already")
+        for m in members:
+            m._shared = group
+
+    def shared_groups(self) -> list[SharedInputDown]:
+        seen = {}
+        for m in self:
+            if m._shared is not None:
+                seen[id(m._shared)] = m._shared
+        return list(seen.values())
+
+    def unshare_inputs(self) -> None:
+        for m in self:
+            m._shared = None
 
     def unmerge(self) -> None:
         for m in self:

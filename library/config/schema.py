@@ -178,6 +178,12 @@ class TrainingConfig:
     compile_mode: str = opt("default", "torch.compile mode of `compile`; reduce-overhead also "
                             "records CUDA graphs.", choices=COMPILE_MODES)
     channels_last: bool = opt(False, "Keep the UNet in channels_last (NHWC) memory format.")
+    pin_memory: bool = opt(True, "Send each batch to the GPU from page-locked host memory "
+                           "with non-blocking copies, so the host does not wait for the GPU "
+                           "(CUDA; docs/TRAINING.md, Speed).")
+    batch_qkv_lora: bool = opt(False, "One matmul for the LoRA down projections of each "
+                               "attention layer's q, k and v, which read the same input "
+                               "(docs/TRAINING.md, Speed).")
     cuda_graphs: bool = opt(False, "Replay the UNet's training forward and backward from CUDA "
                             "graphs, one per batch shape (CUDA only; docs/TRAINING.md, Speed).")
     seed: Optional[int] = opt(None, "Random seed; unset picks one and records it.")

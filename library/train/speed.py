@@ -10,6 +10,8 @@
   that every bucket of a run is compiled rather than silently falling back to eager.
 - `compile_mode`: torch.compile's mode. "reduce-overhead" also records CUDA graphs of the
   compiled blocks (one replay instead of dozens of kernel launches per block).
+- `batch_qkv_lora = true`: the LoRA down projections of an attention layer's q, k and v
+  (which read the same input) run as one matmul (networks.lora.SharedInputDown).
 - `channels_last = true`: the UNet's weights and activations in NHWC layout, which cuDNN's
   bf16/fp16 convolutions prefer.
 - `cuda_graphs = true`: the UNet's training forward and backward are captured once per input
@@ -62,6 +64,28 @@ def compile_blocks(unet: torch.nn.Module, mode: str = "default") -> str:
                          "compile")
     return "torch.compile (" + mode + ") of " + ", ".join(
         f"{n} {k}" for k, n in counts.items()) + "; the first steps of each shape compile"
+
+
+def batch_qkv_lora(unet: torch.nn.Module, network) -> str:
+    """`batch_qkv_lora = true`: in every attention layer of `unet` whose projections all
+    carry a LoRA, one down-projection matmul for the LoRAs of q, k and v (self-attention) or
+    k and v (cross-attention: q reads the image tokens, k and v the text), via
+    LoRANetwork.share_input. Returns a line for the log."""
+    from diffusers.models.attention_processor import Attention
+    by_base = {id(m.base): m for m in network}
+    counts = {"self": 0, "cross": 0}
+    for attn in unet.modules():
+        if not isinstance(attn, Attention):
+            continue
+        kind = "cross" if attn.is_cross_attention else "self"
+        names = ("to_k", "to_v") if kind == "cross" else ("to_q", "to_k", "to_v")
+        members = [by_base.get(id(getattr(attn, n, None))) for n in names]
+        if all(m is not None and m._shared is None and isinstance(m.lora_down, torch.nn.Linear)
+               for m in members):
+            network.share_input(members)
+            counts[kind] += 1
+    return (f"batched LoRA down projections: q/k/v of {counts['self']} self-attention and "
+            f"k/v of {counts['cross']} cross-attention layers")
 
 
 def to_channels_last(unet: torch.nn.Module) -> str:
@@ -181,9 +205,12 @@ def training_unet(unet, network, training_cfg, device) -> tuple[object, str | No
                                         f"(up to {CUDA_GRAPH_SHAPES} shapes)")
 
 
-def configure_speed(unet: torch.nn.Module, training_cfg) -> list[str]:
-    """Apply `channels_last` and `compile` from [training]; returns lines for the log."""
+def configure_speed(unet: torch.nn.Module, training_cfg, network) -> list[str]:
+    """Apply `batch_qkv_lora`, `channels_last` and `compile` from [training] (after the
+    LoRA `network` attaches); returns lines for the log."""
     done = []
+    if training_cfg.batch_qkv_lora:
+        done.append(batch_qkv_lora(unet, network))
     if training_cfg.channels_last:
         done.append(to_channels_last(unet))
     if training_cfg.compile:

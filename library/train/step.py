@@ -83,6 +83,28 @@ def timestep_weight(scheduler, t: torch.Tensor, s: LossSettings) -> torch.Tensor
     return weight
 
 
+# Batch entries read on the host (seeds for the per-sample RNG): they stay on the CPU.
+HOST_KEYS = frozenset({"sample_seed"})
+
+
+def batch_to_device(batch: dict, device, pin_memory: bool = True) -> dict:
+    """The batch's tensors on `device` (those in HOST_KEYS stay). On CUDA with `pin_memory`
+    they are copied into page-locked memory first and sent with non_blocking copies: the
+    host queues them and goes on, where a copy from ordinary memory makes the host wait
+    until the GPU has finished everything queued before it (a sync per tensor and step).
+    The page-locked buffers are torch's cached host allocations; torch keeps each one until
+    its copy is done."""
+    device = torch.device(device)
+    fast = pin_memory and device.type == "cuda"
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and k not in HOST_KEYS and v.device != device:
+            v = v.pin_memory().to(device, non_blocking=True) if fast and v.device.type == "cpu" \
+                else v.to(device)
+        out[k] = v
+    return out
+
+
 def diffusion_loss(unet, family, scheduler, latents: torch.Tensor, cond: dict, batch: dict,
                    s: LossSettings, *, weight_dtype: torch.dtype = torch.float32,
                    autocast=contextlib.nullcontext) -> torch.Tensor:

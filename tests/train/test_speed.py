@@ -19,8 +19,8 @@ def curve_and_weights(root):
             load_file(str(root / "out" / "t.safetensors")))
 
 
-@pytest.mark.parametrize("flags", [["--compile"], ["--channels_last"]],
-                         ids=["compile", "channels_last"])
+@pytest.mark.parametrize("flags", [["--compile"], ["--channels_last"], ["--batch_qkv_lora"]],
+                         ids=["compile", "channels_last", "batch_qkv_lora"])
 def test_toggle_keeps_the_loss_curve(tmp_path, tiny_sd15_dir, data, flags):  # noqa: F811
     assert run(tmp_path / "eager", tiny_sd15_dir, data, "--max_train_steps", "3") == 0
     assert run(tmp_path / "fast", tiny_sd15_dir, data, "--max_train_steps", "3", *flags) == 0
@@ -115,9 +115,10 @@ def test_gpu_sdpa_backend_runs_that_kernel(backend):
 @GPU_ONLY
 @pytest.mark.parametrize("flags", [["--cuda_graphs"], ["--cuda_graphs", "--compile"],
                                    ["--compile", "--compile_mode", "reduce-overhead"],
-                                   ["--cuda_graphs", "--compile", "--sdpa_backend", "cudnn"]],
+                                   ["--cuda_graphs", "--compile", "--sdpa_backend", "cudnn"],
+                                   ["--cuda_graphs", "--compile", "--batch_qkv_lora"]],
                          ids=["graphs", "graphs+compile", "compile-cudagraphs",
-                              "graphs+compile+cudnn"])
+                              "graphs+compile+cudnn", "graphs+compile+qkv"])
 def test_gpu_toggle_keeps_the_loss_curve(tmp_path, tiny_sd15_dir, data, flags,  # noqa: F811
                                          caplog):
     bf16 = ["--mixed_precision", "bf16", "--max_train_steps", "4"]
@@ -128,8 +129,34 @@ def test_gpu_toggle_keeps_the_loss_curve(tmp_path, tiny_sd15_dir, data, flags,  
         assert "CUDA graphs of the UNet" in caplog.text
     if "--sdpa_backend" in flags:
         assert "SDPA kernels tried in the order cudnn" in caplog.text
+    if "--batch_qkv_lora" in flags:
+        assert "batched LoRA down projections: q/k/v of" in caplog.text
     (a, wa), (b, wb) = curve_and_weights(tmp_path / "eager"), curve_and_weights(tmp_path / "fast")
     assert len(a) == len(b) == 4
     assert b == pytest.approx(a, rel=2e-2)
     for k in wa:
         torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=5e-2, atol=5e-3)
+
+
+def test_batch_to_device_keeps_host_keys_and_cpu_batches_as_they_are():
+    from library.train.step import batch_to_device
+    batch = {"latents": torch.randn(2, 4, 8, 8), "sample_seed": torch.tensor([1, 2]),
+             "captions": ["a", "b"]}
+    out = batch_to_device(batch, "cpu")
+    assert out.keys() == batch.keys()
+    assert all(out[k] is batch[k] for k in batch)  # already there: no copies
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("pin", [True, False], ids=["pinned", "pageable"])
+def test_gpu_batch_to_device_copies_every_tensor_but_the_seeds(pin):
+    from library.train.step import batch_to_device
+    batch = {"latents": torch.randn(4, 4, 128, 128), "loss_weight": torch.ones(4),
+             "original_size": torch.tensor([[1024, 1024]] * 4),
+             "sample_seed": torch.tensor([1, 2, 3, 4]), "captions": ["a"] * 4}
+    out = batch_to_device(batch, "cuda", pin_memory=pin)
+    torch.cuda.synchronize()
+    for k in ("latents", "loss_weight", "original_size"):
+        assert out[k].is_cuda
+        assert torch.equal(out[k].cpu(), batch[k])
+    assert out["sample_seed"].device.type == "cpu" and out["captions"] == batch["captions"]
