@@ -142,6 +142,9 @@ VARIANTS = {  # name -> the [training] / [model] / [optimizer] settings of train
     "ours+graphs+compile+cudnn": {"cuda_graphs": True, "compile": True, "sdpa_backend": "cudnn"},
     "ours+graphs+compile+efficient": {"cuda_graphs": True, "compile": True,
                                       "sdpa_backend": "efficient"},
+    # the LoRA input cast to fp32 before its autocast matmul, as before 2026-12-04
+    "ours+graphs+cudnn+fp32cast": {"cuda_graphs": True, "sdpa_backend": "cudnn",
+                                   "fp32_cast": True},
     "ours+graphs+cudnn+qkv": {"cuda_graphs": True, "sdpa_backend": "cudnn",
                               "batch_qkv_lora": True},
     "ours+graphs+compile+cudnn+qkv": {"cuda_graphs": True, "compile": True,
@@ -170,6 +173,10 @@ def ours_setup(family: str, rank: int, variant: str = "ours", dtype=torch.bfloat
         store_fp8(unet, dtype)
     net = LoRANetwork(find_targets(unet, [], (), family, RankSpec(rank, rank),
                                    train_unet=True, train_text_encoder=False)).to(DEVICE).attach()
+    if v.get("fp32_cast"):
+        import types
+        for m in net:
+            m.lora_input = types.MethodType(lambda self, x: x.to(self.lora_down.weight.dtype), m)
     speed = SimpleNamespace(compile=v.get("compile", False),
                             compile_mode=v.get("compile_mode", "default"),
                             channels_last=v.get("channels_last", False),
