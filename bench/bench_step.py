@@ -144,11 +144,12 @@ VARIANTS = {  # name -> the [training] / [model] / [optimizer] settings of train
                                       "sdpa_backend": "efficient"},
     # the LoRA input cast to fp32 before its autocast matmul, as before 2026-12-04
     "ours+graphs+cudnn+fp32cast": {"cuda_graphs": True, "sdpa_backend": "cudnn",
-                                   "fp32_cast": True},
-    "ours+graphs+cudnn+qkv": {"cuda_graphs": True, "sdpa_backend": "cudnn",
-                              "batch_qkv_lora": True},
-    "ours+graphs+compile+cudnn+qkv": {"cuda_graphs": True, "compile": True,
-                                      "sdpa_backend": "cudnn", "batch_qkv_lora": True},
+                                   "fp32_cast": True, "batch_qkv_lora": False},
+    # batch_qkv_lora is on in every row above (the trainer's default); these turn it off
+    "ours+graphs+cudnn-qkv": {"cuda_graphs": True, "sdpa_backend": "cudnn",
+                              "batch_qkv_lora": False},
+    "ours+graphs+compile+cudnn-qkv": {"cuda_graphs": True, "compile": True,
+                                      "sdpa_backend": "cudnn", "batch_qkv_lora": False},
 }
 
 
@@ -180,7 +181,7 @@ def ours_setup(family: str, rank: int, variant: str = "ours", dtype=torch.bfloat
     speed = SimpleNamespace(compile=v.get("compile", False),
                             compile_mode=v.get("compile_mode", "default"),
                             channels_last=v.get("channels_last", False),
-                            batch_qkv_lora=v.get("batch_qkv_lora", False),
+                            batch_qkv_lora=v.get("batch_qkv_lora", True),  # as the trainer
                             cuda_graphs=v.get("cuda_graphs", False),
                             gradient_checkpointing=v.get("gradient_checkpointing", False))
     configure_speed(unet, speed, net)

@@ -103,7 +103,7 @@ def test_the_guard_sees_a_lora_that_does_not_learn(tmp_path, tiny_sd15_dir, guar
 
 CPU_OPTIONS = {
     "channels_last": (["--channels_last"], FP32_TOL),
-    "batch_qkv_lora": (["--batch_qkv_lora"], FP32_TOL),
+    "batch_qkv_lora false": (["--batch_qkv_lora", "false"], FP32_TOL),
     "cache_latents": (["--cache_latents"], SAMPLE_TOL),
     "cache_text_encoder_outputs": (["--cache_text_encoder_outputs",
                                     "--network_train_unet_only"], FP32_TOL),
@@ -127,9 +127,9 @@ GPU_OPTIONS = {
     "compile": (["--compile"], BF16_TOL),
     "compile reduce-overhead": (["--compile", "--compile_mode", "reduce-overhead"], BF16_TOL),
     "channels_last": (["--channels_last"], BF16_TOL),
-    "batch_qkv_lora": (["--batch_qkv_lora"], BF16_TOL),
-    "batch_qkv_lora + cuda_graphs + compile": (["--batch_qkv_lora", "--cuda_graphs",
-                                                "--compile"], BF16_TOL),
+    "batch_qkv_lora false": (["--batch_qkv_lora", "false"], BF16_TOL),
+    "batch_qkv_lora false + cuda_graphs + compile": (["--batch_qkv_lora", "false",
+                                                      "--cuda_graphs", "--compile"], BF16_TOL),
     "sdpa_backend cudnn": (["--sdpa_backend", "cudnn"], BF16_TOL),
     "sdpa_backend flash": (["--sdpa_backend", "flash"], BF16_TOL),
     "sdpa_backend efficient": (["--sdpa_backend", "efficient"], BF16_TOL),

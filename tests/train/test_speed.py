@@ -19,8 +19,9 @@ def curve_and_weights(root):
             load_file(str(root / "out" / "t.safetensors")))
 
 
-@pytest.mark.parametrize("flags", [["--compile"], ["--channels_last"], ["--batch_qkv_lora"]],
-                         ids=["compile", "channels_last", "batch_qkv_lora"])
+@pytest.mark.parametrize("flags", [["--compile"], ["--channels_last"],
+                                   ["--batch_qkv_lora", "false"]],
+                         ids=["compile", "channels_last", "batch_qkv_lora_off"])
 def test_toggle_keeps_the_loss_curve(tmp_path, tiny_sd15_dir, data, flags):  # noqa: F811
     assert run(tmp_path / "eager", tiny_sd15_dir, data, "--max_train_steps", "3") == 0
     assert run(tmp_path / "fast", tiny_sd15_dir, data, "--max_train_steps", "3", *flags) == 0
@@ -116,9 +117,9 @@ def test_gpu_sdpa_backend_runs_that_kernel(backend):
 @pytest.mark.parametrize("flags", [["--cuda_graphs"], ["--cuda_graphs", "--compile"],
                                    ["--compile", "--compile_mode", "reduce-overhead"],
                                    ["--cuda_graphs", "--compile", "--sdpa_backend", "cudnn"],
-                                   ["--cuda_graphs", "--compile", "--batch_qkv_lora"]],
+                                   ["--cuda_graphs", "--compile", "--batch_qkv_lora", "false"]],
                          ids=["graphs", "graphs+compile", "compile-cudagraphs",
-                              "graphs+compile+cudnn", "graphs+compile+qkv"])
+                              "graphs+compile+cudnn", "graphs+compile-qkv"])
 def test_gpu_toggle_keeps_the_loss_curve(tmp_path, tiny_sd15_dir, data, flags,  # noqa: F811
                                          caplog):
     bf16 = ["--mixed_precision", "bf16", "--max_train_steps", "4"]
@@ -129,8 +130,8 @@ def test_gpu_toggle_keeps_the_loss_curve(tmp_path, tiny_sd15_dir, data, flags,  
         assert "CUDA graphs of the UNet" in caplog.text
     if "--sdpa_backend" in flags:
         assert "SDPA kernels tried in the order cudnn" in caplog.text
-    if "--batch_qkv_lora" in flags:
-        assert "batched LoRA down projections: q/k/v of" in caplog.text
+    assert ("batched LoRA down projections: q/k/v of" in caplog.text) == \
+        ("--batch_qkv_lora" not in flags)
     (a, wa), (b, wb) = curve_and_weights(tmp_path / "eager"), curve_and_weights(tmp_path / "fast")
     assert len(a) == len(b) == 4
     assert b == pytest.approx(a, rel=2e-2)
