@@ -23,6 +23,7 @@ import torch
 
 from library.config import ConfigError, load_config
 from library.config.output import config_to_dict, config_to_toml, write_config_toml
+from library.data.auto_cache import cache_latents_for_run, cache_text_for_run
 from library.data.cache import cache_latents
 from library.data.doctor import describe_plan
 from library.data.prepare import build_group, prepare_data, validation_set
@@ -243,14 +244,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 5. caches and resume ---------------------------------------------------------------
     latents_of = LatentEncoder(c.vae, device, vae_dtype, seed)
-    if d.cache_latents or d.cache_latents_to_disk:  # content-addressed (library/data/cache.py)
+    cache_lat, note_lat = cache_latents_for_run(d, items)  # unset: on when valid
+    cache_te, note_te = cache_text_for_run(d, train_te, items)
+    for note in (note_lat, note_te):
+        if note:
+            log.info(note)
+    if cache_lat:  # content-addressed (library/data/cache.py)
         log.info(cache_latents(dataset, latents_of.sample_seeded, vae=c.vae,
                                vae_dtype=vae_dtype, to_disk=d.cache_latents_to_disk,
                                cache_dir=d.cache_dir, vae_batch_size=d.vae_batch_size,
                                progress=accelerator.is_main_process, seed=seed,
                                rank=accelerator.process_index,
                                world=accelerator.num_processes).summary())  # every rank logs
-    cache_te = d.cache_text_encoder_outputs or d.cache_text_encoder_outputs_to_disk
     conditioning = TextConditioner(c, family, cfg.model.clip_skip, train_te,
                                    keep_cache=cache_te,
                                    max_token_length=cfg.model.max_token_length)

@@ -129,17 +129,21 @@ class DatasetConfig:
                            "(transparent pixels do not train).")
     color_aug: bool = opt(False, "kohya's colour augmentation.", planned=True)
     prior_loss_weight: float = opt(1.0, "Loss weight of regularization images.", minimum=0.0)
-    cache_latents: bool = opt(False, "Encode every image with the VAE once, before "
-                              "training (centre crop: random_crop is ignored; flip_aug "
-                              "caches both mirror images).")
+    cache_latents: Optional[bool] = opt(None, "Encode every image with the VAE once, "
+                                        "before training (centre crop: random_crop is "
+                                        "ignored; flip_aug caches both mirror images). "
+                                        "Unset: on unless random_crop is used "
+                                        "(docs/DATASETS.md, Caches).")
     cache_latents_to_disk: bool = opt(False, "Also keep cached latents on disk (beside each "
                                       "image, or in cache_dir), keyed by image content, "
                                       "crop, flip, VAE and dtype; implies cache_latents.")
     cache_dir: Optional[str] = opt(None, "Folder for the disk caches (default: latents "
                                    "beside each image, text-encoder outputs in "
                                    "train_data_dir/.tomlora_te_cache).")
-    cache_text_encoder_outputs: bool = opt(False, "Encode every caption once (frozen "
-                                           "text encoders, static captions only).")
+    cache_text_encoder_outputs: Optional[bool] = opt(
+        None, "Encode every caption once (frozen text encoders, static captions only). "
+        "Unset: on when the text encoders are frozen and every caption is static "
+        "(docs/DATASETS.md, Caches).")
     cache_text_encoder_outputs_to_disk: bool = opt(
         False, "Also keep cached text-encoder outputs on disk, one te_*.npz file per "
         "caption (in cache_dir, else in train_data_dir/.tomlora_te_cache) keyed by caption, "
@@ -178,9 +182,10 @@ class TrainingConfig:
     compile_mode: str = opt("default", "torch.compile mode of `compile`; reduce-overhead also "
                             "records CUDA graphs.", choices=COMPILE_MODES)
     channels_last: bool = opt(False, "Keep the UNet in channels_last (NHWC) memory format.")
-    pin_memory: bool = opt(True, "Send each batch to the GPU from page-locked host memory "
-                           "with non-blocking copies, so the host does not wait for the GPU "
-                           "(CUDA; docs/TRAINING.md, Speed).")
+    pin_memory: bool = opt(False, "Send each batch to the GPU from page-locked host "
+                           "memory with non-blocking copies, so the host does not wait for "
+                           "the GPU (CUDA; measured without gain at SD1.5 batch 1, "
+                           "docs/BENCHMARKS.md).")
     batch_qkv_lora: bool = opt(True, "One matmul for the LoRA down projections of each "
                                "attention layer's q, k and v, which read the same input; the "
                                "same result, 3 % faster on a GPU (docs/TRAINING.md, Speed).")

@@ -87,7 +87,7 @@ def timestep_weight(scheduler, t: torch.Tensor, s: LossSettings) -> torch.Tensor
 HOST_KEYS = frozenset({"sample_seed"})
 
 
-def batch_to_device(batch: dict, device, pin_memory: bool = True) -> dict:
+def batch_to_device(batch: dict, device, pin_memory: bool = False) -> dict:
     """The batch's tensors on `device` (those in HOST_KEYS stay). On CUDA with `pin_memory`
     they are copied into page-locked memory first and sent with non_blocking copies: the
     host queues them and goes on, where a copy from ordinary memory makes the host wait

@@ -28,7 +28,8 @@ from tests.train.test_loop import run
 from tools.make_demo_dataset import make_dataset
 
 STEPS = 50
-# The reference: eager fp32. lr 3e-3 so that 50 steps move the loss clearly (the lr-0 check).
+# The reference: eager fp32 with the defaults (latents cached: unset means on when valid).
+# lr 3e-3 so that 50 steps move the loss clearly (the lr-0 check).
 BASE = ["--max_train_steps", str(STEPS), "--learning_rate", "3e-3"]
 FP32_TOL = 2e-3     # fp32 options that only reorder arithmetic
 BF16_TOL = 0.01     # bf16 runs (the eager bf16 run itself is the first of them)
@@ -104,7 +105,8 @@ def test_the_guard_sees_a_lora_that_does_not_learn(tmp_path, tiny_sd15_dir, guar
 CPU_OPTIONS = {
     "channels_last": (["--channels_last"], FP32_TOL),
     "batch_qkv_lora false": (["--batch_qkv_lora", "false"], FP32_TOL),
-    "cache_latents": (["--cache_latents"], SAMPLE_TOL),
+    # The reference caches latents (the default when valid): this is the VAE at every step.
+    "cache_latents false": (["--cache_latents", "false"], SAMPLE_TOL),
     "cache_text_encoder_outputs": (["--cache_text_encoder_outputs",
                                     "--network_train_unet_only"], FP32_TOL),
     "gradient_checkpointing": (["--gradient_checkpointing"], FP32_TOL),
@@ -115,8 +117,10 @@ CPU_OPTIONS = {
 @pytest.mark.parametrize("name", list(CPU_OPTIONS))
 def test_option_keeps_the_fp32_loss_curve(name, tmp_path, tiny_sd15_dir, guard_data, reference):
     flags, tol = CPU_OPTIONS[name]
-    # Cached text-encoder outputs need a frozen text encoder: compare with a UNet-only run.
-    ref_flags = ["--network_train_unet_only"] if name == "cache_text_encoder_outputs" else None
+    # Cached text-encoder outputs need a frozen text encoder: compare with a UNet-only run
+    # that encodes every step (left unset, that run would cache too: the default).
+    ref_flags = ["--network_train_unet_only", "--cache_text_encoder_outputs", "false"] \
+        if name == "cache_text_encoder_outputs" else None
     check(name, tol, tmp_path, tiny_sd15_dir, guard_data, reference, flags, ref_flags)
 
 

@@ -28,8 +28,11 @@ def test_toggle_keeps_the_loss_curve(tmp_path, tiny_sd15_dir, data, flags):  # n
     (a, wa), (b, wb) = curve_and_weights(tmp_path / "eager"), curve_and_weights(tmp_path / "fast")
     assert len(a) == len(b) == 3
     assert b == pytest.approx(a, rel=1e-4)
+    # On a CUDA machine these fp32 runs use cuDNN's TF32 convolutions (torch's default),
+    # whose rounding depends on the kernel and layout: single elements move by ~3e-5 there.
+    atol = 1e-4 if torch.cuda.is_available() else 1e-5
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=atol)
 
 
 def test_compile_mode_is_checked(tmp_path):
