@@ -22,8 +22,9 @@ SHIPPED = [
     "examples/tiny_demo.toml",
     "presets/fast.toml",
     "presets/fast_compile.toml",
+    "presets/lowmem.toml",
 ]
-SHIPPED_COUNT = 4
+SHIPPED_COUNT = 5
 PLANNED_REASON = "sampling lands with issue 8"
 
 
