@@ -132,6 +132,7 @@ GPU_OPTIONS = {
     "compile reduce-overhead": (["--compile", "--compile_mode", "reduce-overhead"], BF16_TOL),
     "channels_last": (["--channels_last"], BF16_TOL),
     "batch_qkv_lora false": (["--batch_qkv_lora", "false"], BF16_TOL),
+    "pin_memory": (["--pin_memory", "true"], BF16_TOL),
     "batch_qkv_lora false + cuda_graphs + compile": (["--batch_qkv_lora", "false",
                                                       "--cuda_graphs", "--compile"], BF16_TOL),
     "sdpa_backend cudnn": (["--sdpa_backend", "cudnn"], BF16_TOL),
