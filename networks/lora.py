@@ -201,9 +201,6 @@ class SharedInputDown:
         self._pending = {j: p for j, p in enumerate(parts) if j != i}
         return parts[i]
 
-    def clear(self) -> None:
-        self._input, self._pending = None, {}
-
 
 class LoRANetwork(nn.Module):
     """All LoRA modules of one run, keyed by kohya key stem."""
@@ -261,10 +258,6 @@ class LoRANetwork(nn.Module):
             if m._shared is not None:
                 seen[id(m._shared)] = m._shared
         return list(seen.values())
-
-    def unshare_inputs(self) -> None:
-        for m in self:
-            m._shared = None
 
     def unmerge(self) -> None:
         for m in self:

@@ -36,8 +36,7 @@ def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
         if not lo.network_train_unet_only and ok("network_train_unet_only"):
             p.append(f"{locate(layers, te_key)}: needs frozen text encoders; also set "
                      "network_train_unet_only = true")
-        for key in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
-                    "token_warmup_step"):
+        for key in VARYING_CAPTION_KEYS:
             if getattr(d, key):
                 p.append(f"{locate(layers, te_key)}: cannot cache captions that change "
                          f"every epoch ({key} is set); turn one off")
@@ -64,6 +63,12 @@ def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
     if w >= 1 and not float(w).is_integer():
         p.append(f"{locate(layers, 'lr_warmup_steps')}: {w} is neither a whole number of "
                  "steps nor a fraction below 1")
+
+
+# [dataset] keys under which a caption changes from step to step: its text-encoder output
+# cannot be cached (checked here for `true`, read by library/data/auto_cache.py when unset).
+VARYING_CAPTION_KEYS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
+                        "token_warmup_step")
 
 
 def check_path_keys(cfg: Config, layers: Layers, ok) -> None:

@@ -15,6 +15,7 @@ instead of once per step. `true` and `false` are what the user asked for (an exp
 """
 from __future__ import annotations
 
+from library.config.validate import VARYING_CAPTION_KEYS
 from library.data.text_cache import static_caption
 
 AUTO_TEXT_CACHE_MAX = 2000
@@ -37,8 +38,8 @@ def cache_text_for_run(d, train_text_encoder: bool, items) -> tuple[bool, str | 
         return bool(d.cache_text_encoder_outputs_to_disk or d.cache_text_encoder_outputs), None
     if train_text_encoder:
         return False, None  # the text encoders train: nothing to cache, nothing to say
-    if d.caption_dropout_rate or d.shuffle_caption or d.caption_tag_dropout_rate or \
-            d.token_warmup_step or any(static_caption(i) is None for i in items):
+    if any(getattr(d, k) for k in VARYING_CAPTION_KEYS) or \
+            any(static_caption(i) is None for i in items):  # subsets of a dataset TOML too
         return False, ("cache_text_encoder_outputs unset: off, because some captions "
                        "change from step to step")
     distinct = {i.caption for i in items}

@@ -70,7 +70,9 @@ def batch_qkv_lora(unet: torch.nn.Module, network) -> str:
     """`batch_qkv_lora = true`: in every attention layer of `unet` whose projections all
     carry a LoRA, one down-projection matmul for the LoRAs of q, k and v (self-attention) or
     k and v (cross-attention: q reads the image tokens, k and v the text), via
-    LoRANetwork.share_input. Returns a line for the log."""
+    LoRANetwork.share_input. Not with module_dropout: a module that skips its LoRA would
+    leave its slice, and the input with it, held until the next call. Returns a line for the
+    log."""
     from diffusers.models.attention_processor import Attention
     by_base = {id(m.base): m for m in network}
     counts = {"self": 0, "cross": 0}
@@ -80,8 +82,8 @@ def batch_qkv_lora(unet: torch.nn.Module, network) -> str:
         kind = "cross" if attn.is_cross_attention else "self"
         names = ("to_k", "to_v") if kind == "cross" else ("to_q", "to_k", "to_v")
         members = [by_base.get(id(getattr(attn, n, None))) for n in names]
-        if all(m is not None and m._shared is None and isinstance(m.lora_down, torch.nn.Linear)
-               for m in members):
+        if all(m is not None and m._shared is None and not m.module_dropout
+               and isinstance(m.lora_down, torch.nn.Linear) for m in members):
             network.share_input(members)
             counts[kind] += 1
     return (f"batched LoRA down projections: q/k/v of {counts['self']} self-attention and "

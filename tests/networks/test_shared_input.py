@@ -101,7 +101,15 @@ def test_groups_are_checked():
                         Target("lora_l", nn.Linear(8, 4), 2, 2.0)])
     with pytest.raises(TypeError, match="Linear"):
         SharedInputDown(list(conv))
-    net.unshare_inputs()
+
+
+def test_no_groups_with_module_dropout():
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel(**UNET).requires_grad_(False)
+    net = LoRANetwork(find_targets(unet, [], (), "sd15", RankSpec(4, 4), train_unet=True,
+                                   train_text_encoder=False), module_dropout=0.1).attach()
+    assert batch_qkv_lora(unet, net).startswith(
+        "batched LoRA down projections: q/k/v of 0 self-attention and k/v of 0")
     assert net.shared_groups() == []
 
 

@@ -41,6 +41,8 @@ SAMPLE_TOL = 0.03
 # of the tiny model; min_8bit_size=0 makes the guard exercise the 8-bit states themselves.
 EIGHT_BIT = ["--optimizer_args", "min_8bit_size=0"]
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "presets"
+# The reference of the UNet-only options: eager fp32, the text encoders run every step.
+UNET_ONLY_UNCACHED = ["--network_train_unet_only", "--cache_text_encoder_outputs", "false"]
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TOMLORA_GUARD") != "1",
@@ -107,8 +109,10 @@ CPU_OPTIONS = {
     "batch_qkv_lora false": (["--batch_qkv_lora", "false"], FP32_TOL),
     # The reference caches latents (the default when valid): this is the VAE at every step.
     "cache_latents false": (["--cache_latents", "false"], SAMPLE_TOL),
+    # Cached text-encoder outputs need a frozen text encoder (a third item: the reference's
+    # own flags): against a UNet-only run that encodes every step (left unset, it would cache).
     "cache_text_encoder_outputs": (["--cache_text_encoder_outputs",
-                                    "--network_train_unet_only"], FP32_TOL),
+                                    "--network_train_unet_only"], FP32_TOL, UNET_ONLY_UNCACHED),
     "gradient_checkpointing": (["--gradient_checkpointing"], FP32_TOL),
     "AdamW8bit": (["--optimizer_type", "AdamW8bit", *EIGHT_BIT], APPROX_TOL),
 }
@@ -116,12 +120,9 @@ CPU_OPTIONS = {
 
 @pytest.mark.parametrize("name", list(CPU_OPTIONS))
 def test_option_keeps_the_fp32_loss_curve(name, tmp_path, tiny_sd15_dir, guard_data, reference):
-    flags, tol = CPU_OPTIONS[name]
-    # Cached text-encoder outputs need a frozen text encoder: compare with a UNet-only run
-    # that encodes every step (left unset, that run would cache too: the default).
-    ref_flags = ["--network_train_unet_only", "--cache_text_encoder_outputs", "false"] \
-        if name == "cache_text_encoder_outputs" else None
-    check(name, tol, tmp_path, tiny_sd15_dir, guard_data, reference, flags, ref_flags)
+    flags, tol, *ref_flags = CPU_OPTIONS[name]
+    check(name, tol, tmp_path, tiny_sd15_dir, guard_data, reference, flags,
+          ref_flags[0] if ref_flags else None)
 
 
 BF16 = ["--mixed_precision", "bf16"]
@@ -146,10 +147,8 @@ GPU_OPTIONS = {
     # The preset files themselves (they cache latents, as the reference now does too).
     "fast preset": (["--config_file", str(PRESETS / "fast.toml")], BF16_TOL),
     "fast_compile preset": (["--config_file", str(PRESETS / "fast_compile.toml")], BF16_TOL),
-    # UNet only, so against an eager fp32 UNet-only run that encodes the captions every step
     "lowmem preset": (["--config_file", str(PRESETS / "lowmem.toml"), *EIGHT_BIT],
-                      APPROX_TOL, ["--network_train_unet_only", "--cache_text_encoder_outputs",
-                                   "false"]),
+                      APPROX_TOL, UNET_ONLY_UNCACHED),  # it trains the UNet only
     "low-memory (checkpointing + fp8 + AdamW8bit)":
         (["--gradient_checkpointing", "--fp8_base", "--optimizer_type", "AdamW8bit",
           *EIGHT_BIT], APPROX_TOL),
