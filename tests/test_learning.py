@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import train_network
-from tools.learning_report import lora_effect, prompt_following
-from tools.make_demo_dataset import make_dataset
+from tools.learning_report import lora_effect, nested_following, prompt_following
+from tools.make_demo_dataset import make_dataset, make_reg_images
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "models" / "tiny-sd15-pretrained"
@@ -39,22 +39,33 @@ def model() -> Path:
 
 def test_base_model_follows_prompts(model):
     # Chance levels: background 1/6, shape colour 1/5, shape 1/3. Measured on the committed
-    # model (n=24, seed 0): background 0.96, colour 0.79, shape 0.50 (docs/TINY_MODEL.md):
-    # the colours follow the prompt well, the shape clearly above chance. n=24, not 12: at 12
-    # one picture moves the shape figure by 0.08, and seed 0's 12 land exactly at chance.
+    # model (n=24, seed 0): background 1.00, colour 0.83, shape 0.83 (docs/TINY_MODEL.md).
+    # n=24, not 12: at 12 one picture moves a figure by 0.08.
     r = prompt_following(model, n=24, seed=0)
     assert r["background"] >= 0.85, r
     assert r["colour"] >= 0.65, r
-    assert r["shape"] >= 0.42, r
+    assert r["shape"] >= 0.6, r
+
+
+def test_base_model_draws_shapes_in_circles(model):
+    # Chance levels: background 1/6, circle 1/5, centre 1/4 (three different colours).
+    # Measured on the committed model (n=24, seed 0): centre 0.92, circle 0.96, background
+    # 1.00, all three 0.88. The demo's zorblat is laid out as these are.
+    r = nested_following(model, n=24, seed=0)
+    assert r["background"] >= 0.85, r
+    assert r["circle"] >= 0.75, r
+    assert r["centre"] >= 0.75, r
 
 
 def train_demo(tmp_path: Path, model: Path, seed: int) -> Path:
     data = tmp_path / "data"
     make_dataset(data, size=32, seed=seed)
+    make_reg_images(tmp_path / "reg", size=32, seed=seed)
     out = tmp_path / "out"
     rc = train_network.main([
         "--config_file", str(CONFIG), "--pretrained_model_name_or_path", str(model),
-        "--train_data_dir", str(data), "--output_dir", str(out),
+        "--train_data_dir", str(data), "--reg_data_dir", str(tmp_path / "reg"),
+        "--output_dir", str(out),
         "--logging_dir", str(tmp_path / "logs"), "--sample_prompts", str(PROMPTS),
         # no intermediate samples or saves: this test measures the final file
         "--sample_every_n_steps", "100000", "--save_every_n_steps", "100000",
@@ -63,11 +74,6 @@ def train_demo(tmp_path: Path, model: Path, seed: int) -> Path:
     return out / "zorblat.safetensors"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 is open: with the committed tiny model the demo "
-                   "LoRA learns the zorblat's purple and backgrounds but not its orange ring "
-                   "(17 % of trigger samples pass the two-colour measure, docs/TINY_MODEL.md); "
-                   "strict, so this fails loudly once the learning works and the marker must "
-                   "go")
 @pytest.mark.parametrize("seed", SEEDS)
 def test_lora_learns_the_trigger_and_keeps_the_base(seed, tmp_path, model):
     lora = train_demo(tmp_path, model, seed)

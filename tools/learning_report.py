@@ -5,8 +5,12 @@ library/train/sampling.py) and read with the pixel measures of tools/measure.py.
 
 - `prompt_following(model)`: prompts of the shapes world at fixed seeds; how often the picture
   shows the prompted background colour, shape colour and shape.
+- `nested_following(model)`: the same for prompts of a shape in a circle ("a blue square in a
+  red circle on a green background"): how often the centre, the circle and the background
+  have the prompted colours.
 - `lora_effect(model, lora)`: the same prompts and seeds with and without the LoRA.
-  Learned concept: the share of trigger-word samples that show the zorblat (before vs. after).
+  Learned concept: the share of trigger-word samples that show the zorblat on the background
+  the prompt names (before vs. after).
   Base preservation: for prompts without the trigger, the mean absolute pixel difference
   between base and base+LoRA at equal seeds, next to the difference between two unrelated base
   pictures (the scale of "completely different"), and how often the measured reading
@@ -22,6 +26,7 @@ import numpy as np
 
 from library.train.prompts import PromptSpec
 from tools import measure, shapes
+from tools.make_demo_dataset import BACKGROUNDS, CAPTION
 
 # Generation settings of every measurement (a deterministic sampler: the same seed with and
 # without the LoRA starts from the same noise and takes the same path while they agree).
@@ -29,7 +34,7 @@ SAMPLER = "euler"
 STEPS = 20
 SCALE = 5.0
 SIZE = 32
-TRIGGER_PROMPT = "zorblat, a purple star, on a {bg} background"
+TRIGGER_PROMPT = CAPTION  # the demo dataset's caption, on each of its backgrounds
 
 
 def spec(prompt: str, seed: int) -> PromptSpec:
@@ -69,6 +74,23 @@ def prompt_following(model, n: int = 48, seed: int = 0, loaded=None, device: str
             "scenes": scenes}
 
 
+def nested_following(model, n: int = 24, seed: int = 0, loaded=None, device: str = "cpu"
+                     ) -> dict:
+    """Fractions of `n` shape-in-a-circle prompts whose centre colour, circle colour,
+    background, and all three, are the prompted ones (measure.read_layout)."""
+    loaded = loaded or load(model, device=device)
+    rng = random.Random(seed)
+    scenes = [shapes.random_nested_scene(rng, SIZE) for _ in range(n)]
+    images = render(loaded, str(model), [s.caption for s in scenes],
+                    [seed + i for i in range(n)])
+    got = [measure.read_layout(im) for im in images]
+    hits = [(g.centre == s.fg, g.circle == s.circle, g.bg == s.bg) for g, s in zip(got, scenes)]
+    return {"n": n, "centre": float(np.mean([h[0] for h in hits])),
+            "circle": float(np.mean([h[1] for h in hits])),
+            "background": float(np.mean([h[2] for h in hits])),
+            "all": float(np.mean([all(h) for h in hits])), "images": images, "scenes": scenes}
+
+
 # ---- a LoRA against its base ---------------------------------------------------------------
 @dataclass
 class LoraEffect:
@@ -92,9 +114,13 @@ class LoraEffect:
         ]
 
 
+def trigger_backgrounds(n: int) -> list[str]:
+    names = list(BACKGROUNDS)
+    return [names[i % len(names)] for i in range(n)]
+
+
 def trigger_prompts(n: int) -> list[str]:
-    names = list(shapes.PALETTE)
-    return [TRIGGER_PROMPT.format(bg=names[i % len(names)]) for i in range(n)]
+    return [TRIGGER_PROMPT.format(bg=bg) for bg in trigger_backgrounds(n)]
 
 
 def lora_effect(model, lora, n_trigger: int = 12, n_plain: int = 12, seed: int = 1000,
@@ -111,14 +137,20 @@ def lora_effect(model, lora, n_trigger: int = 12, n_plain: int = 12, seed: int =
     lt, lp = tuned[:n_trigger], tuned[n_trigger:]
     same = [_reading_key(a) == _reading_key(b) for a, b in zip(bp, lp)]
     return LoraEffect(
-        concept_before=float(np.mean([measure.shows_zorblat(im) for im in bt])),
-        concept_after=float(np.mean([measure.shows_zorblat(im) for im in lt])),
+        concept_before=_share_showing(bt, n_trigger),
+        concept_after=_share_showing(lt, n_trigger),
         plain_diff=float(np.mean([measure.mean_abs_diff(a, b) for a, b in zip(bp, lp)])),
         unrelated_diff=float(np.mean([measure.mean_abs_diff(bp[i], bp[(i + 1) % len(bp)])
                                       for i in range(len(bp))])),
         plain_agreement=float(np.mean(same)),
         n_trigger=n_trigger, n_plain=n_plain,
         images={"base_trigger": bt, "lora_trigger": lt, "base_plain": bp, "lora_plain": lp})
+
+
+def _share_showing(images, n: int) -> float:
+    """Share of trigger samples that show the zorblat on the background their prompt names."""
+    return float(np.mean([measure.shows_zorblat(im, bg)
+                          for im, bg in zip(images, trigger_backgrounds(n))]))
 
 
 def _reading_key(image) -> tuple[str, str, str]:

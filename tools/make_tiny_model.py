@@ -291,7 +291,7 @@ def _build_pipeline(family: str, tokenizer_dir: Path):
 
 
 def _write_pipeline(family: str, folder: Path, seed: int, pretrain: bool = False,
-                    settings=None, device: str = "cpu") -> None:
+                    settings=None, device: str = "cpu", vae_from=None) -> None:
     import torch
 
     write_tokenizer(folder / "tokenizer")
@@ -299,7 +299,7 @@ def _write_pipeline(family: str, folder: Path, seed: int, pretrain: bool = False
         torch.manual_seed(seed)
         if pretrain:
             from tools.pretrain_tiny import pretrained_pipeline
-            pipe = pretrained_pipeline(folder / "tokenizer", seed, settings, device)
+            pipe = pretrained_pipeline(folder / "tokenizer", seed, settings, device, vae_from)
             # fp16 halves the folder (it is committed); loading with torch_dtype=float32
             # upcasts exactly, and the trainer always passes a torch_dtype.
             pipe.unet.to(torch.float16)
@@ -338,13 +338,14 @@ def _prefix_text_model_keys(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, *,
                      force: bool = False, pretrain: bool = False, pretrain_settings=None,
-                     device: str = "cpu") -> Path:
+                     device: str = "cpu", vae_from=None) -> Path:
     """Write a tiny diffusers pipeline of `family` ("sd15" or "sdxl") to `out_dir`.
 
     `pretrain` (sd15 only) trains it on the shapes world first (tools/pretrain_tiny.py,
     docs/TINY_MODEL.md), so it draws "a red circle on a blue background" at 32x32;
     `pretrain_settings` (a `PretrainSettings`) shortens it for tests and `device` ("cuda")
-    speeds up experiments.
+    speeds up experiments; `vae_from` (a pretrained tiny model folder, which may be
+    `out_dir` itself) keeps that model's VAE and pretrains only the UNet and text encoder.
 
     The folder is built in a temporary sibling directory and renamed into place, so readers
     never see a half-written model. An existing non-empty `out_dir` is an error unless
@@ -354,6 +355,12 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, *,
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if pretrain and family != "sd15":
         raise ValueError("--pretrain builds an SD1.5-architecture model only (--family sd15)")
+    if vae_from is not None:
+        if not pretrain:
+            raise ValueError("--vae_from only goes with --pretrain")
+        if not (Path(vae_from) / "vae" / "config.json").is_file():
+            raise ValueError(f"--vae_from {vae_from}: no vae/config.json there; give a model "
+                             "folder written by make_tiny_model.py --pretrain")
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
@@ -363,7 +370,7 @@ def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, *,
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_pipeline(family, tmp, seed, pretrain, pretrain_settings, device)
+        _write_pipeline(family, tmp, seed, pretrain, pretrain_settings, device, vae_from)
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -399,12 +406,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain", action="store_true",
                         help="train it on the shapes world so it draws (sd15 only, CPU, "
                              "minutes; docs/TINY_MODEL.md)")
+    parser.add_argument("--vae_from", help="with --pretrain: keep the VAE of this pretrained "
+                        "tiny model folder (it may be --out) and pretrain only the UNet and "
+                        "text encoder; the VAE stage is the slower half")
     parser.add_argument("--single_file", help="also write the model as one LDM-layout "
                         ".safetensors checkpoint here (load it with model_config_dir = --out)")
     args = parser.parse_args(argv)
     try:
         out = build_tiny_model(args.family, args.out, seed=args.seed, force=args.force,
-                               pretrain=args.pretrain)
+                               pretrain=args.pretrain, vae_from=args.vae_from)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

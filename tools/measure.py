@@ -9,8 +9,12 @@ No learned judge: each reading is a few lines of pixel statistics that can be ch
   fewer than 2 foreground neighbours) is filled with each ideal shape, drawn exactly as
   the training pictures are (tools/shapes.py); the shape whose template overlaps the
   foreground best (intersection over union) wins;
-- zorblat (the demo concept): at least ZORBLAT_MIN of the pixels are purple and at least
-  ZORBLAT_MIN orange (nearest of PALETTE + purple + orange, within COLOUR_DISTANCE).
+- zorblat (the demo concept, a purple star in a red circle): read along the radius from the
+  foreground's centroid. The centre colour is the median foreground pixel within
+  CENTRE_SHARE of the foreground's radius (its 95th-percentile distance from the centroid),
+  the circle colour the median between RIM_SHARE and 1 of it; each is named by the nearest of
+  PALETTE + purple. The picture shows the zorblat when the centre is purple, the circle red,
+  and the background neither (and, for a trigger prompt, the background it names).
 
 On the generator's own pictures every reading is exact (tests/tools/test_measure.py checks it).
 """
@@ -26,14 +30,11 @@ from tools import shapes
 BORDER = 2                # pixels of the border that are read as background
 FG_DISTANCE = 0.25        # RGB distance (0..sqrt 3) from the background that counts as shape
 MIN_FG_FRACTION = 0.03    # less foreground than this: "no shape"
-COLOUR_DISTANCE = 0.3     # a pixel is "purple"/"orange" only this close to the reference
-ZORBLAT_MIN = 0.03        # fraction of the picture that must be purple, and orange
+CENTRE_SHARE = 0.3        # zorblat: the centre is read within this share of the radius
+RIM_SHARE = 0.75          # ... and its circle from this share of the radius outwards
 
 _NAMES = list(shapes.PALETTE)
 _RGB = np.array([shapes.PALETTE[n] for n in _NAMES], dtype=np.float32) / 255.0
-_ALL_NAMES = _NAMES + ["purple", "orange"]
-_ALL_RGB = np.concatenate([_RGB, np.array([shapes.PURPLE, shapes.ORANGE],
-                                          dtype=np.float32) / 255.0])
 
 
 @dataclass(frozen=True)
@@ -124,19 +125,43 @@ def read(image) -> Reading:
     return Reading(bg_name, fg_name, shape, iou, fraction)
 
 
-def colour_fractions(image) -> dict[str, float]:
-    """Share of pixels nearest to each named colour (PALETTE + purple + orange) and within
-    COLOUR_DISTANCE of it."""
-    a = as_array(image).reshape(-1, 3)
-    d = np.sqrt(((a[:, None, :] - _ALL_RGB[None]) ** 2).sum(-1))
-    idx = d.argmin(1)
-    close = d[np.arange(len(a)), idx] < COLOUR_DISTANCE
-    return {n: float(np.mean(close & (idx == i))) for i, n in enumerate(_ALL_NAMES)}
+def _named_with_purple(rgb: np.ndarray) -> str:
+    """The nearest of PALETTE + purple (read from tools/shapes at call time)."""
+    table = np.concatenate([_RGB, np.array([shapes.PURPLE], dtype=np.float32) / 255.0])
+    return nearest(rgb, _NAMES + ["purple"], table)
 
 
-def shows_zorblat(image) -> bool:
-    f = colour_fractions(image)
-    return f["purple"] >= ZORBLAT_MIN and f["orange"] >= ZORBLAT_MIN
+@dataclass(frozen=True)
+class Layout:
+    """A picture read as a centre inside a circle on a background ("none" where empty)."""
+    centre: str
+    circle: str
+    bg: str
+
+
+def read_layout(image) -> Layout:
+    a = as_array(image)
+    mask, bg = foreground_mask(a)
+    bg_name = _named_with_purple(bg)
+    if mask.mean() < MIN_FG_FRACTION:
+        return Layout("none", "none", bg_name)
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    radius = np.percentile(np.hypot(ys - cy, xs - cx), 95)
+    yy, xx = np.mgrid[:a.shape[0], :a.shape[1]]
+    dist = np.hypot(yy - cy, xx - cx)
+    centre = mask & (dist <= max(1.5, CENTRE_SHARE * radius))
+    rim = mask & (dist >= RIM_SHARE * radius) & (dist <= radius)
+    name = lambda m: _named_with_purple(np.median(a[m], axis=0)) if m.any() else "none"  # noqa: E731
+    return Layout(name(centre), name(rim), bg_name)
+
+
+def shows_zorblat(image, bg: str | None = None) -> bool:
+    """A purple centre in a red circle, on a background of neither colour; with `bg`, on
+    that background (what the trigger prompt asked for)."""
+    r = read_layout(image)
+    return (r.centre == "purple" and r.circle == shapes.ZORBLAT_RING
+            and r.bg not in ("purple", shapes.ZORBLAT_RING) and (bg is None or r.bg == bg))
 
 
 # ---- summaries -----------------------------------------------------------------------------

@@ -41,8 +41,9 @@ class PretrainSettings:
     vae_lr: float = 3e-3
     vae_scene_share: float = 0.5  # share of VAE pictures from the shapes world itself
     kl_weight: float = 1e-6
-    scenes: int = 6000            # distinct pictures the UNet trains on (latents cached)
-    unet_steps: int = 1000
+    scenes: int = 8000            # distinct pictures the UNet trains on (latents cached)
+    nested_share: float = 0.5     # share of them that are a shape in a circle
+    unet_steps: int = 1500
     unet_batch: int = 48
     unet_lr: float = 1.5e-3
     warmup: int = 50
@@ -180,10 +181,12 @@ def train_unet(unet, text_encoder, scheduler, latents: tuple[torch.Tensor, torch
 
 # ---- all together ----------------------------------------------------------------------------
 def pretrained_pipeline(tokenizer_dir, seed: int = 0, settings: PretrainSettings | None = None,
-                        device: str = "cpu"):
+                        device: str = "cpu", vae_from=None):
     """A StableDiffusionPipeline (fp32, on the CPU) whose VAE and UNet are trained on the
     shapes world; `tokenizer_dir` holds make_tiny_model's hand-written tokenizer. `device`
-    only speeds up experiments: the committed model is trained on the CPU."""
+    only speeds up experiments: the committed model is trained on the CPU. `vae_from` (a
+    model folder) takes its VAE instead of training one: the VAE stage draws from its own
+    random streams, so the UNet stage is the same either way."""
     from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -201,9 +204,16 @@ def pretrained_pipeline(tokenizer_dir, seed: int = 0, settings: PretrainSettings
     text_encoder.to(device)
 
     started = time.time()
-    _log(f"pretraining the tiny model (seed {seed}): VAE {s.vae_steps} steps")
-    train_vae(vae, s, rng, device)
-    scenes = [shapes.random_scene(rng, SIZE) for _ in range(s.scenes)]
+    if vae_from:
+        from diffusers import AutoencoderKL
+        _log(f"pretraining the tiny model (seed {seed}): the VAE of {vae_from}")
+        vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae").to(device).eval()
+    else:
+        _log(f"pretraining the tiny model (seed {seed}): VAE {s.vae_steps} steps")
+        train_vae(vae, s, rng, device)
+    scene_rng = random.Random(seed + 1)
+    scenes = [shapes.random_world_scene(scene_rng, SIZE, s.nested_share)
+              for _ in range(s.scenes)]
     means, stds = encode_scenes(vae, scenes, device=device)
     # As SD's 0.18215: scale latents to unit spread, so the noise schedule means the same.
     scaling = float(1.0 / means.std())

@@ -25,32 +25,42 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (15, 15, 15),
 }
-# The demo concept's colours; the base model never sees them with their words.
+# The demo concept's star colour; the base model never sees it, nor the word "purple".
 PURPLE = (150, 40, 200)
+# Kept for the VAE's picture mix (random_vae_picture), which the committed VAE was trained on.
 ORANGE = (255, 140, 0)
+# The demo concept: a purple star in a red circle (draw_zorblat). Its circle is a palette
+# colour, so the base model draws the layout; the star, its colour and the word are new.
+ZORBLAT_RING = "red"
 
 SHAPES = ("circle", "square", "triangle")
 SUPERSAMPLE = 4
 
 
+INNER = 0.6  # a nested scene's shape, as a share of its circle's radius
+
+
 @dataclass(frozen=True)
 class Scene:
     """One picture of the pretraining world: a `fg` `shape` centred near (cx, cy) with
-    half-extent `r` (pixels), on a plain `bg` background."""
+    half-extent `r` (pixels), on a plain `bg` background. A nested scene (`circle` set) is a
+    `circle`-coloured filled circle of radius `r` with the shape inside it, INNER times as big."""
     shape: str
     fg: str
     bg: str
     cx: float
     cy: float
     r: float
+    circle: str | None = None
 
     @property
     def caption(self) -> str:
-        return caption(self.fg, self.shape, self.bg)
+        return caption(self.fg, self.shape, self.bg, self.circle)
 
 
-def caption(fg: str, shape: str, bg: str) -> str:
-    return f"a {fg} {shape} on a {bg} background"
+def caption(fg: str, shape: str, bg: str, circle: str | None = None) -> str:
+    inside = f" in a {circle} circle" if circle else ""
+    return f"a {fg} {shape}{inside} on a {bg} background"
 
 
 def star_points(cx: float, cy: float, r_out: float, r_in: float, points: int = 5) -> list:
@@ -105,7 +115,11 @@ class Canvas:
 
 def draw_scene(scene: Scene, size: int) -> Image.Image:
     c = Canvas(size, PALETTE[scene.bg])
-    c.shape(scene.shape, scene.cx, scene.cy, scene.r, PALETTE[scene.fg])
+    r = scene.r
+    if scene.circle:
+        c.shape("circle", scene.cx, scene.cy, r, PALETTE[scene.circle])
+        r *= INNER
+    c.shape(scene.shape, scene.cx, scene.cy, r, PALETTE[scene.fg])
     return c.image()
 
 
@@ -121,14 +135,33 @@ def random_scene(rng: random.Random, size: int) -> Scene:
                  size / 2 + rng.uniform(-jitter, jitter), r)
 
 
+def random_nested_scene(rng: random.Random, size: int) -> Scene:
+    """A nested scene: a shape in a circle, three different palette colours; the circle about
+    two thirds of the picture wide, near the centre."""
+    fg, circle, bg = rng.sample(list(PALETTE), 3)
+    r = size * rng.uniform(0.32, 0.42)
+    jitter = size * 0.06
+    return Scene(rng.choice(SHAPES), fg, bg, size / 2 + rng.uniform(-jitter, jitter),
+                 size / 2 + rng.uniform(-jitter, jitter), r, circle)
+
+
+def random_world_scene(rng: random.Random, size: int, nested_share: float) -> Scene:
+    """What the base model is pretrained on: a single shape, or (`nested_share` of the
+    time) a shape in a circle."""
+    if rng.random() < nested_share:
+        return random_nested_scene(rng, size)
+    return random_scene(rng, size)
+
+
 def draw_zorblat(size: int, background, rng: random.Random) -> Image.Image:
-    """The demo concept: a purple star inside an orange ring, near the centre."""
+    """The demo concept: a purple star in a red circle, near the centre; laid out as the
+    nested scenes are, with a star (which the base world has not) a little bigger."""
     c = Canvas(size, background)
-    r = size * rng.uniform(0.3, 0.4)
+    r = size * rng.uniform(0.32, 0.42)
     jitter = size * 0.06
     cx = size / 2 + rng.uniform(-jitter, jitter)
     cy = size / 2 + rng.uniform(-jitter, jitter)
-    c.ring(cx, cy, r, max(2.0, size / 10), ORANGE)
+    c.shape("circle", cx, cy, r, PALETTE[ZORBLAT_RING])
     c.shape("star", cx, cy, r * 0.8, PURPLE)
     return c.image()
 
