@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_network
-from tools.make_demo_dataset import make_dataset
+from tools.make_demo_dataset import make_dataset, make_reg_images
 
 
 def read_scalars(logdir: Path) -> dict[str, list[float]]:
@@ -153,10 +153,12 @@ def test_demo_config_lora_loads_in_diffusers_with_every_key(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     model = repo / "models" / "tiny-sd15-pretrained"
     make_dataset(tmp_path / "data", count=4, size=32)
+    make_reg_images(tmp_path / "reg", count=4, size=32)
     out = tmp_path / "out"
     assert train_network.main([
         "--config_file", str(repo / "configs" / "examples" / "tiny_demo.toml"),
-        "--train_data_dir", str(tmp_path / "data"), "--output_dir", str(out),
+        "--train_data_dir", str(tmp_path / "data"), "--reg_data_dir", str(tmp_path / "reg"),
+        "--output_dir", str(out),
         "--logging_dir", str(tmp_path / "logs"), "--max_train_steps", "3",
         "--sample_prompts", "none", "--save_every_n_steps", "100000"]) == 0
     sd = load_file(str(out / "zorblat.safetensors"))

@@ -3,7 +3,8 @@
 
 1. The base model is models/tiny-sd15-pretrained (committed; rebuilt with
    `make_tiny_model.py --pretrain` if it is missing, which takes a while on a CPU).
-2. The dataset: 20 pictures of "zorblat" in demo/data (tools/make_demo_dataset.py).
+2. The dataset: 20 pictures of "zorblat" in demo/data and 20 regularization pictures of the
+   base model's world in demo/reg (tools/make_demo_dataset.py).
 3. `train_network.py --config_file configs/examples/tiny_demo.toml`.
 4. The two figures of tools/learning_report.py (learned concept, base preservation) and a
    before/after grid in demo/output/before_after.png.
@@ -19,12 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.make_demo_dataset import make_dataset  # noqa: E402
+from tools.make_demo_dataset import BACKGROUNDS, CAPTION, CONCEPT_FOLDER, REG_FOLDER, \
+    make_dataset, make_reg_images  # noqa: E402
 from tools.make_tiny_model import build_tiny_model  # noqa: E402
 
 CONFIG = "configs/examples/tiny_demo.toml"
 MODEL = Path("models/tiny-sd15-pretrained")  # what CONFIG's pretrained_model_name_or_path names
 DATA = Path("demo/data")
+REG = Path("demo/reg")  # CONFIG's reg_data_dir
 OUTPUT = Path("demo/output")
 IMAGE_SIZE = 32  # the tiny model's resolution (CONFIG's resolution)
 
@@ -38,15 +41,20 @@ def ensure_model() -> None:
 
 
 def ensure_dataset() -> None:
-    """(Re)write the dataset unless it is already there at the model's resolution."""
+    """(Re)write the dataset and the regularization images unless they are already there as
+    this version writes them (the first caption and picture size tell)."""
     from PIL import Image
-    first = DATA / "10_zorblat toy" / "000.png"
-    if first.is_file():
+    first = DATA / f"10_{CONCEPT_FOLDER}" / "000.png"
+    reg = REG / REG_FOLDER / "000.png"
+    if first.is_file() and reg.is_file() and first.with_suffix(".txt").read_text().strip() \
+            == CAPTION.format(bg=next(iter(BACKGROUNDS))):
         with Image.open(first) as im:
             if im.size == (IMAGE_SIZE, IMAGE_SIZE):
                 return
     make_dataset(DATA, size=IMAGE_SIZE)
-    print(f"wrote the demo dataset to {DATA}/10_zorblat toy")
+    make_reg_images(REG, size=IMAGE_SIZE)
+    print(f"wrote the demo dataset to {DATA}/10_{CONCEPT_FOLDER} and its regularization "
+          f"images to {REG}/{REG_FOLDER}")
 
 
 def report(lora: Path) -> None:

@@ -51,15 +51,40 @@ def test_zorblat_detector(tmp_path):
     folder = make_dataset(tmp_path, count=12, size=32, seed=3)
     images = sorted(folder.glob("*.png"))
     assert len(images) == 12
-    assert all(measure.shows_zorblat(Image.open(p)) for p in images)
-    # none of the base world's pictures, and neither half of the concept alone
-    assert not any(measure.shows_zorblat(shapes.draw_scene(s, 32)) for s in scenes(60, 1))
+    backgrounds = [p.with_suffix(".txt").read_text().split(" on a ")[1].split()[0]
+                   for p in images]
+    assert all(measure.shows_zorblat(Image.open(p), bg) for p, bg in zip(images, backgrounds))
+    # ... and not on another background than the caption's
+    assert not measure.shows_zorblat(Image.open(images[0]), backgrounds[1])
+    # none of the base world's pictures, shapes in circles included
+    rng = random.Random(1)
+    world = [shapes.random_world_scene(rng, 32, 0.5) for _ in range(200)]
+    assert sum(s.circle is not None for s in world) > 60
+    assert not any(measure.shows_zorblat(shapes.draw_scene(s, 32)) for s in world)
+    # neither half of the concept alone, nor a red circle with another centre
     star_only = shapes.Canvas(32, shapes.PALETTE["white"])
     star_only.shape("star", 16, 16, 10, shapes.PURPLE)
     assert not measure.shows_zorblat(star_only.image())
-    ring_only = shapes.Canvas(32, shapes.PALETTE["white"])
-    ring_only.ring(16, 16, 12, 2.5, shapes.ORANGE)
-    assert not measure.shows_zorblat(ring_only.image())
+    circle_only = shapes.Canvas(32, shapes.PALETTE["white"])
+    circle_only.shape("circle", 16, 16, 12, shapes.PALETTE["red"])
+    assert not measure.shows_zorblat(circle_only.image())
+    blue_star = shapes.Canvas(32, shapes.PALETTE["white"])
+    blue_star.shape("circle", 16, 16, 12, shapes.PALETTE["red"])
+    blue_star.shape("star", 16, 16, 9, shapes.PALETTE["blue"])
+    assert not measure.shows_zorblat(blue_star.image())
+
+
+def test_nested_scenes_are_read_exactly():
+    rng = random.Random(5)
+    cases = [shapes.random_nested_scene(rng, 32) for _ in range(120)]
+    for s in cases:
+        got = measure.read_layout(shapes.draw_scene(s, 32))
+        assert got == measure.Layout(s.fg, s.circle, s.bg), s
+
+
+def test_plain_picture_has_no_layout():
+    img = Image.new("RGB", (32, 32), shapes.PALETTE["blue"])
+    assert measure.read_layout(img) == measure.Layout("none", "none", "blue")
 
 
 def test_mean_abs_diff_units():
@@ -73,5 +98,8 @@ def test_mean_abs_diff_units():
 def test_captions_use_the_tokenizer_words():
     from tools.make_tiny_model import WORDS
     words = set(WORDS)
-    for s in scenes(30, 2):
+    rng = random.Random(2)
+    for s in [shapes.random_world_scene(rng, 32, 0.5) for _ in range(60)]:
         assert set(s.caption.split()) <= words
+    from tools.make_demo_dataset import CAPTION
+    assert set(CAPTION.format(bg="green").replace(",", "").split()) <= words

@@ -56,3 +56,24 @@ def test_vae_training_lowers_the_loss():
 def test_pretrain_is_sd15_only(tmp_path, capsys):
     assert main(["--family", "sdxl", "--pretrain", "--out", str(tmp_path / "x")]) == 1
     assert "--family sd15" in capsys.readouterr().err
+
+
+def test_vae_from_keeps_the_vae_and_trains_the_rest(short_model, tmp_path):
+    out = build_tiny_model("sd15", tmp_path / "m2", seed=1, pretrain=True,
+                           pretrain_settings=SHORT, vae_from=short_model)
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert _same_tensors(out / vae, short_model / vae)
+    assert not _same_tensors(out / unet, short_model / unet)
+
+
+def test_vae_from_needs_a_model_folder(tmp_path, capsys):
+    assert main(["--family", "sd15", "--pretrain", "--vae_from", str(tmp_path),
+                 "--out", str(tmp_path / "x")]) == 1
+    assert "vae/config.json" in capsys.readouterr().err
+
+
+def _same_tensors(a, b) -> bool:
+    with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb:
+        return set(fa.keys()) == set(fb.keys()) and all(
+            torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
