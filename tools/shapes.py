@@ -169,7 +169,7 @@ def draw_zorblat(size: int, background, rng: random.Random) -> Image.Image:
 def random_vae_picture(rng: random.Random, size: int) -> Image.Image:
     """Varied flat-colour pictures for the VAE: any RGB colour, 1-3 shapes of every kind
     (stars and rings included), any size and place. The VAE must reconstruct pictures the base
-    model never draws (the LoRA's purple star in an orange ring), so it sees more than PALETTE."""
+    model never draws (the LoRA's purple star), so it sees more than PALETTE."""
     def colour():
         if rng.random() < 0.5:
             return rng.choice(list(PALETTE.values()) + [PURPLE, ORANGE])
