@@ -51,7 +51,8 @@ def test_batched_down_projections_give_the_same_output_and_gradients():
     groups = net.shared_groups()
     assert sorted(len(g.members) for g in groups) == [2] * 4 + [3] * 4
     assert not any(g._pending for g in groups), "every slice was taken within the forward"
-    torch.testing.assert_close(y1, y0, rtol=0, atol=1e-6)
+    # fp32 sums in another order: 1 element of 512 moved 1.2e-6 (3e-6 relative) on an AMD EPYC
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
     assert g1.keys() == g0.keys()
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7)
