@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tools.make_demo_dataset import BACKGROUNDS, CAPTION, CONCEPT_FOLDER, REG_FOLDER, \
-    make_dataset, make_reg_images  # noqa: E402
+    REPEATS, make_dataset, make_reg_images  # noqa: E402
 from tools.make_tiny_model import build_tiny_model  # noqa: E402
 
 CONFIG = "configs/examples/tiny_demo.toml"
@@ -44,17 +44,16 @@ def ensure_dataset() -> None:
     """(Re)write the dataset and the regularization images unless they are already there as
     this version writes them (the first caption and picture size tell)."""
     from PIL import Image
-    first = DATA / f"10_{CONCEPT_FOLDER}" / "000.png"
-    reg = REG / REG_FOLDER / "000.png"
-    if first.is_file() and reg.is_file() and first.with_suffix(".txt").read_text().strip() \
-            == CAPTION.format(bg=next(iter(BACKGROUNDS))):
+    first = DATA / f"{REPEATS}_{CONCEPT_FOLDER}" / "000.png"
+    caption = first.with_suffix(".txt")
+    if first.is_file() and (REG / REG_FOLDER / "000.png").is_file() and caption.is_file() \
+            and caption.read_text().strip() == CAPTION.format(bg=next(iter(BACKGROUNDS))):
         with Image.open(first) as im:
             if im.size == (IMAGE_SIZE, IMAGE_SIZE):
                 return
-    make_dataset(DATA, size=IMAGE_SIZE)
-    make_reg_images(REG, size=IMAGE_SIZE)
-    print(f"wrote the demo dataset to {DATA}/10_{CONCEPT_FOLDER} and its regularization "
-          f"images to {REG}/{REG_FOLDER}")
+    data = make_dataset(DATA, size=IMAGE_SIZE)
+    reg = make_reg_images(REG, size=IMAGE_SIZE)
+    print(f"wrote the demo dataset to {data} and its regularization images to {reg}")
 
 
 def report(lora: Path) -> None:

@@ -31,12 +31,13 @@ from tools.shapes import PALETTE, ZORBLAT_RING, draw_scene, draw_zorblat, \
 BACKGROUNDS = {n: c for n, c in PALETTE.items() if n != ZORBLAT_RING}
 CAPTION = "zorblat, a purple star in a red circle, on a {bg} background"
 CONCEPT_FOLDER = "zorblat toy"
+REPEATS = 10  # the folder's kohya repeat count: 10_zorblat toy
 REG_FOLDER = "1_shapes"
 NESTED_SHARE = 0.5  # of the regularization pictures, as in the pretraining world
 
 
 def make_dataset(out: Path, count: int = 20, size: int = 32, seed: int = 0,
-                 repeats: int = 10) -> Path:
+                 repeats: int = REPEATS) -> Path:
     """Write `count` images (`size` pixels square) and captions to `out/<repeats>_zorblat toy`;
     the backgrounds cycle through BACKGROUNDS. Returns the image folder."""
     rng = random.Random(seed)
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=32,
                     help="image side in pixels (the pretrained tiny model draws at 32)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=REPEATS)
     a = ap.parse_args(argv)
     folder = make_dataset(Path(a.out), a.count, a.size, a.seed, a.repeats)
     print(f"wrote {a.count} images with captions to {folder}")
