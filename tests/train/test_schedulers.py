@@ -143,8 +143,9 @@ def test_lr_scheduler_args_follow_diffusers(name, args, diffusers_kwargs):
 def test_lr_scheduler_type_builds_the_named_class():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1e-3)
-    cfg = OptimizerConfig(lr_scheduler="cosine", lr_scheduler_type="torch.optim.lr_scheduler.StepLR",
-                          lr_scheduler_args={"step_size": 2, "gamma": "0.1"})
+    cfg = OptimizerConfig(lr_scheduler="cosine",
+                          lr_scheduler_type="torch.optim.lr_scheduler.StepLR",
+                          lr_scheduler_args={"step_size": 2, "gamma": "0.1"})  # kohya: strings
     sched = scheduler_from_config(cfg, opt, total_steps=10)
     assert type(sched).__name__ == "StepLR"
     assert _curve(sched, opt, 5) == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
