@@ -54,6 +54,7 @@ def keyword_problems(cls, kwargs: dict, key: str, skip: tuple[str, ...]) -> list
         return []
     accepted = [n for n, p in params.items() if n not in skip and p.kind in (
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-    return [f"{key}: {k!r} is not an argument of {cls.__module__}.{cls.__qualname__}; "
-            f"accepted: {', '.join(accepted) or 'none'}"
-            for k in kwargs if k not in accepted]
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return [f"{key}: {k!r} is set by the trainer, not by {key}" if k in skip else
+            f"{key}: {k!r} is not an argument of {name}; accepted: "
+            f"{', '.join(accepted) or 'none'}" for k in kwargs if k not in accepted]

@@ -208,3 +208,41 @@ def test_eval_weights_is_a_no_op_for_ordinary_optimizers():
 def test_numbers_converter_rejects_wrong_lengths():
     with pytest.raises(ValueError, match="expected 3 numbers"):
         numbers(3)([0.9, 0.99])
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("torch.optim.RAdam", "torch.optim.radam.RAdam"),       # a class path, as sd-scripts
+    ("NAdam", "torch.optim.nadam.NAdam"),                   # a bare name: torch.optim
+    ("schedulefree.SGDScheduleFree", "schedulefree.sgd_schedulefree.SGDScheduleFree"),
+])
+def test_class_paths_build_the_imported_class_with_literal_args(name, cls, caplog):
+    spec = O.resolve(name)
+    assert f"{spec.cls.__module__}.{spec.cls.__qualname__}" == cls
+    m = _lora()
+    params = [m.lora_down.weight, m.lora_up.weight]
+    args = {"weight_decay": "0.01"} if "ScheduleFree" in name else \
+        {"betas": "0.8,0.95", "weight_decay": "0.01"}  # kohya's strings: Python literals
+    with caplog.at_level(logging.INFO, logger="tomlora"):
+        opt = O.make_optimizer(name, [{"params": params}], 1e-3, args)
+    assert f"imported {cls}, called with lr=0.001" in caplog.text
+    g = opt.param_groups[0]
+    assert g["weight_decay"] == 0.01 and g.get("betas", (0.8, 0.95)) == (0.8, 0.95)
+    assert spec.schedule_free == ("ScheduleFree" in name)  # train()/eval() switched as ours
+    x = torch.randn(4, 128)
+    m.base(x).square().mean().backward()
+    before = params[1].detach().clone()
+    opt.step()
+    assert not torch.equal(before, params[1])
+
+
+@pytest.mark.parametrize("name, args, fragment", [
+    ("torch.optim.RAdam", {"betaz": "0.9"}, "'betaz' is not an argument of "
+                                            "torch.optim.radam.RAdam; accepted: betas, eps"),
+    ("torch.optim.RAdam", {"lr": 1.0}, "'lr' is set by the trainer, not by optimizer_args"),
+    ("no_such_pkg_xyz.Opt", {}, "cannot import module 'no_such_pkg_xyz'"),
+    ("torch.optim.Adamm", {}, "module 'torch.optim' has no class 'Adamm'"),
+    ("Adamm", {}, "'Adamm' is unknown; expected one of: AdamW"),
+])
+def test_bad_class_paths_are_config_problems(name, args, fragment):
+    problems = O.optimizer_problems(name, args)
+    assert len(problems) == 1 and fragment in problems[0], problems
