@@ -377,7 +377,7 @@ class SavingConfig:
                                        "comma-separated.")
     no_metadata: bool = opt(False, "Save without the training metadata: only the ss_* keys "
                             "sd-scripts keeps for filtering (network module, dim, alpha, args, "
-                            "base model version, v2/v-prediction) and the modelspec.* keys.")
+                            "base model version, v2) and the modelspec.* keys.")
 
 
 @dataclass(frozen=True)

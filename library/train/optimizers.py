@@ -12,7 +12,7 @@ keyword arguments; a bare name is looked up in `torch.optim` (`RAdam`, `NAdam` .
 import happens when the config is checked, so a path that does not import is a config error.
 
 This module imports neither torch nor the optimizer packages at import time, so the config
-schema can take its choices from here cheaply.
+schema can list the names from here cheaply.
 """
 from __future__ import annotations
 
