@@ -47,6 +47,7 @@ from library.train.state import Position, StateError, load_state, read_position,
 from library.train.tracking import LossAverage, Tracker, lr_scalars, run_dir, step_scalars
 from library.train.validation import split_items, validation_loss
 from networks.build import build_network, load_network_weights, skipped_prefixes
+from networks.max_norm import apply_max_norm
 from networks.param_groups import check_config, param_groups
 
 log = logging.getLogger("tomlora")
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     tracker = Tracker(run_dir(logging_dir, cfg.saving.output_name, cfg.logging.log_prefix,
                               cfg.logging.log_tracker_name) if is_main else None,
                       config_to_toml(cfg), cfg.logging.log_with,
-                      cfg.logging.log_tracker_name or "tomlora", config_to_dict(cfg))
+                      cfg.logging.log_tracker_name or "tomlora", config_to_dict(cfg),
+                      wandb_name=cfg.logging.wandb_run_name, wandb_key=cfg.logging.wandb_api_key)
     loss_settings = LossSettings.from_config(cfg)
     loss_avg = LossAverage(steps_per_epoch)
     paths["dir"].mkdir(parents=True, exist_ok=True)
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     def save_lora_file(path: Path, step: int, epoch: int) -> None:
         meta = build_metadata(cfg, family, steps=step, epoch=epoch, num_images=len(items),
                               resolution=resolution, tag_frequency=tag_frequency(items),
-                              bucket_info=bucket_info(dataset), seed=seed, title=path.stem)
+                              bucket_info=bucket_info(dataset), seed=seed)
         save_lora(network, path, precision=cfg.saving.save_precision,
                   layout=cfg.saving.save_model_as, family=family.name,
                   unet_config=dict(c.unet.config), metadata=meta)
@@ -368,10 +370,11 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                norms = apply_max_norm(network, cfg.optimizer.scale_weight_norms)  # {} if unset
                 global_step += 1
                 current = loss.detach().item()
                 average = loss_avg.add(current)
-                tracker.scalars({"loss/current": current, "loss/average": average,
+                tracker.scalars({"loss/current": current, "loss/average": average, **norms,
                                  **lr_scalars(optimizer), **step_scalars(
                                      grad_norm, images_done, time.time() - started)},
                                 global_step)

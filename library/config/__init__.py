@@ -12,6 +12,7 @@ from library.config import cli, loader
 from library.config.loader import ConfigError
 from library.config.schema import Config
 from library.config.validate import validate
+from library.config.validate_training import canonical_optimizer
 
 __all__ = ["Config", "ConfigError", "LoadedConfig", "load_config"]
 
@@ -41,7 +42,7 @@ def load_config(argv: list[str], *, check_paths: bool = True) -> LoadedConfig:
     loader.add_set(ns.set, layers)
     loader.diffusers_script_defaults(
         layers, {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")})
-    cfg = loader.normalise(loader.build(layers))
+    cfg = canonical_optimizer(loader.normalise(loader.build(layers)))  # a class path is no choice
     # Cross-key checks run even when other keys failed, so every problem comes out at once;
     # check_paths=False (--output_config, configs of another machine) skips only the checks
     # of required paths and of files and folders that must exist.

@@ -280,8 +280,12 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    optimizer_type: str = opt("AdamW", "Optimizer name (kohya's names, any case); see "
-                              "docs/TRAINING.md.", choices=OPTIMIZER_NAMES)
+    optimizer_type: str = opt("AdamW", "Optimizer: a registry name (kohya's names, any case: "
+                              + ", ".join(OPTIMIZER_NAMES) + ") or, as in sd-scripts, an "
+                              "importable class path (`torch.optim.RAdam`, "
+                              "`LoraEasyCustomOptimizer.came.CAME`; a bare name is looked up "
+                              "in torch.optim) called with `optimizer_args` as keyword "
+                              "arguments; see docs/TRAINING.md.")
     optimizer_args: dict = opt({}, "Extra optimizer arguments, as a table or a list of "
                                "\"key=value\" strings; each optimizer accepts its own "
                                "(docs/TRAINING.md).")
@@ -300,8 +304,23 @@ class OptimizerConfig:
     lr_scheduler_min_lr_ratio: Optional[float] = opt(
         None, "Final learning rate of cosine_with_min_lr, as a fraction of the base rate "
         "(0.1 typical; required by that schedule).", minimum=0.0)
+    lr_scheduler_type: Optional[str] = opt(
+        None, "A scheduler class instead of lr_scheduler (sd-scripts): an importable class path "
+        "(`transformers.optimization.X`) or a bare name of torch.optim.lr_scheduler "
+        "(`StepLR`), called as Class(optimizer, **lr_scheduler_args); it takes no "
+        "lr_warmup_steps.")
+    lr_scheduler_args: dict = opt({}, "Keyword arguments of lr_scheduler_type, or of the "
+                                  "built-in schedule where it takes any (cosine: num_cycles, "
+                                  "the number of cosine waves, 0.5 = half a wave; polynomial: "
+                                  "lr_end, the final learning rate); a table or a list of "
+                                  "\"key=value\" strings.")
     max_grad_norm: float = opt(1.0, "Clip the LoRA gradient norm to this (0 disables).",
                                minimum=0.0)
+    scale_weight_norms: Optional[float] = opt(
+        None, "Max-norm regularisation (sd-scripts): after each optimizer step, every LoRA "
+        "module whose weight update up·down·alpha/rank has a Frobenius norm above this is "
+        "scaled down to it; logged as max_norm/keys_scaled, max_norm/max_key_norm and "
+        "norm/avg_key_norm. 1 is a usual start; unset or 0 disables.", minimum=0.0)
 
 
 @dataclass(frozen=True)
@@ -346,6 +365,19 @@ class SavingConfig:
     resume: Optional[str] = opt(None, "Resume exactly from this state folder (written with "
                                 "save_state).", aliases=("resume_from_checkpoint",))
     overwrite: bool = opt(False, "Allow replacing existing outputs of the same name.")
+    training_comment: Optional[str] = opt(None, "Free text stored in the LoRA's metadata as "
+                                          "ss_training_comment.")
+    metadata_title: Optional[str] = opt(None, "modelspec.title of the saved LoRA (default "
+                                        "output_name).")
+    metadata_author: Optional[str] = opt(None, "modelspec.author of the saved LoRA.")
+    metadata_description: Optional[str] = opt(None, "modelspec.description of the saved "
+                                              "LoRA.")
+    metadata_license: Optional[str] = opt(None, "modelspec.license of the saved LoRA.")
+    metadata_tags: Optional[str] = opt(None, "modelspec.tags of the saved LoRA, "
+                                       "comma-separated.")
+    no_metadata: bool = opt(False, "Save without the training metadata: only the ss_* keys "
+                            "sd-scripts keeps for filtering (network module, dim, alpha, args, "
+                            "base model version, v2) and the modelspec.* keys.")
 
 
 @dataclass(frozen=True)
@@ -357,6 +389,12 @@ class LoggingConfig:
                         choices=("tensorboard", "wandb", "all"))
     log_prefix: Optional[str] = opt(None, "Prefix of the TensorBoard run name.")
     log_tracker_name: Optional[str] = opt(None, "Run name (default output_name + time).")
+    wandb_run_name: Optional[str] = opt(None, "Name of the Weights & Biases run (default the "
+                                        "TensorBoard run name); log_with = wandb or all.")
+    wandb_api_key: Optional[str] = opt(None, "Log in to Weights & Biases with this key before "
+                                       "the run starts (default: the key of `wandb login` or "
+                                       "WANDB_API_KEY). Never written to the saved config, "
+                                       "the LoRA metadata or TensorBoard.")
 
 
 @dataclass(frozen=True)

@@ -6,21 +6,41 @@ contradictory noise setting stops the run with exit 2 before any model loads.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from library.config.loader import Layers, locate
 from library.config.schema import Config
-from library.train.optimizers import install_hint, optimizer_problems, resolve, \
-    uses_relative_step
+from library.train.optimizers import OPTIMIZER_NAMES, install_hint, optimizer_problems, \
+    resolve, uses_relative_step
+from library.train.schedulers import scheduler_problems
 
 # SD1.5 and SDXL noise schedules have 1000 training timesteps.
 NUM_TRAIN_TIMESTEPS = 1000
+
+
+def canonical_optimizer(cfg: Config) -> Config:
+    """optimizer_type in its registry spelling (`adamw8bit` -> `AdamW8bit`); a class path is
+    kept as written (it is case-sensitive)."""
+    spelling = {n.lower(): n for n in OPTIMIZER_NAMES}.get(cfg.optimizer.optimizer_type.lower())
+    if spelling is None or spelling == cfg.optimizer.optimizer_type:
+        return cfg
+    return replace(cfg, optimizer=replace(cfg.optimizer, optimizer_type=spelling))
 
 
 def check_training_keys(cfg: Config, layers: Layers, ok, *, check_env: bool = True) -> None:
     """`check_env=False` skips what depends on this machine (installed packages)."""
     p, w = layers.problems, layers.warnings
     o, tr = cfg.optimizer, cfg.training
-    if ok("optimizer_type", "optimizer_args"):
-        hint = install_hint(resolve(o.optimizer_type))
+    try:  # a registry name, or a class path imported here (sd-scripts' "any optimizer")
+        spec = resolve(o.optimizer_type) if ok("optimizer_type") else None
+    except ValueError as e:
+        spec = None
+        if check_env or "is unknown" in str(e):  # an import depends on this machine
+            p.append(f"{locate(layers, 'optimizer_type')}: "
+                     f"{str(e).removeprefix('optimizer_type ')}")
+            layers.failed.add("optimizer_type")
+    if spec is not None and ok("optimizer_args"):
+        hint = install_hint(spec)
         if hint and check_env:
             p.append(f"{locate(layers, 'optimizer_type')}: {hint}")
         arg_problems = [m for m in optimizer_problems(o.optimizer_type, o.optimizer_args)
@@ -35,6 +55,10 @@ def check_training_keys(cfg: Config, layers: Layers, ok, *, check_env: bool = Tr
             p.append(f"{locate(layers, 'lr_scheduler')}: the adafactor schedule needs "
                      "optimizer_type = \"Adafactor\" with relative_step (its default); "
                      "choose another lr_scheduler")
+    if ok("lr_scheduler", "lr_scheduler_type", "lr_scheduler_args"):
+        for key, msg in scheduler_problems(o):
+            if check_env or key != "lr_scheduler_type":  # an import depends on this machine
+                p.append(f"{locate(layers, key)}: {msg}")
     if o.lr_scheduler == "cosine_with_min_lr" and o.lr_scheduler_min_lr_ratio is None:
         p.append(f"{locate(layers, 'lr_scheduler')}: cosine_with_min_lr needs "
                  "lr_scheduler_min_lr_ratio (the final lr as a fraction, e.g. 0.1)")

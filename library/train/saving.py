@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from library.config.output import without_secrets
 from networks import formats
 from networks.file_rules import uniform_alphas
 from networks.kohya_file import write_lora
@@ -19,13 +20,26 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.flo
 
 
 def config_json(cfg) -> str:
-    return json.dumps(asdict(cfg), default=list, sort_keys=True)
+    """The resolved config as JSON, without secrets (wandb_api_key)."""
+    return json.dumps(without_secrets(asdict(cfg)), default=list, sort_keys=True)
+
+
+# What `no_metadata` keeps of the ss_* keys (sd-scripts' SS_METADATA_MINIMUM_KEYS: what
+# UIs need to filter LoRAs by base model and shape); the modelspec.* keys always stay.
+MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
+                "ss_network_alpha", "ss_network_args")
+# The modelspec keys the user sets, as sd-scripts' --metadata_* flags (None: not written).
+MODELSPEC_KEYS = ("author", "description", "license", "tags")
 
 
 def build_metadata(cfg, family, *, steps: int, epoch: int, num_images: int,
                    resolution: tuple[int, int], tag_frequency: dict, bucket_info: dict,
-                   seed: int, title: str) -> dict[str, str]:
-    lo, opt = cfg.lora, cfg.optimizer
+                   seed: int, title: str | None = None) -> dict[str, str]:
+    """kohya's ss_* training metadata and the sai modelspec.* keys, as strings.
+
+    modelspec.title is `title`, else metadata_title, else output_name (sd-scripts);
+    `no_metadata` keeps only MINIMUM_KEYS and modelspec.*."""
+    lo, opt, sv = cfg.lora, cfg.optimizer, cfg.saving
     alpha = lo.network_alpha if lo.network_alpha is not None else lo.network_dim
     meta = {
         "ss_network_module": lo.network_module,
@@ -59,16 +73,23 @@ def build_metadata(cfg, family, *, steps: int, epoch: int, num_images: int,
         "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_bucket_info": json.dumps(bucket_info),
         "ss_prior_loss_weight": cfg.dataset.prior_loss_weight,
+        "ss_training_comment": sv.training_comment,
+        "ss_scale_weight_norms": opt.scale_weight_norms,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.modelspec_architecture,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
         if family.name == "sdxl" else "diffusers",
-        "modelspec.title": title,
+        "modelspec.title": title or sv.metadata_title or sv.output_name,
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.date": dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.prediction_type": "v" if cfg.model.v_parameterization else "epsilon",
         "tomlora_config": config_json(cfg),
     }
+    meta.update({f"modelspec.{k}": getattr(sv, f"metadata_{k}") for k in MODELSPEC_KEYS
+                 if getattr(sv, f"metadata_{k}") is not None})
+    if sv.no_metadata:
+        meta = {k: v for k, v in meta.items() if k in MINIMUM_KEYS or
+                k.startswith("modelspec.")}
     return {k: ("None" if v is None else str(v)) for k, v in meta.items()}
 
 

@@ -26,14 +26,22 @@ def run_dir(logging_dir: str, output_name: str, prefix: str | None, name: str | 
     return Path(logging_dir) / (name or f"{prefix or ''}{output_name}_{stamp}")
 
 
+def wandb_run_name(configured: str | None, directory: Path) -> str:
+    """The wandb run's name: `wandb_run_name` when set (sd-scripts), else the TensorBoard run
+    folder's name, so both loggers name a run alike."""
+    return configured or directory.name
+
+
 class Tracker:
     """TensorBoard (and optionally Weights & Biases) on the main process; a no-op elsewhere.
 
     `log_with`: "tensorboard", "wandb" or "all". wandb is an optional package; the config
-    check asks for it before training starts."""
+    check asks for it before training starts. `wandb_key` (wandb_api_key) logs in first, as
+    sd-scripts does; without it wandb uses the key of `wandb login` or WANDB_API_KEY."""
 
     def __init__(self, directory: Path | None, config_text: str = "", log_with: str =
-                 "tensorboard", project: str = "tomlora", config: dict | None = None):
+                 "tensorboard", project: str = "tomlora", config: dict | None = None, *,
+                 wandb_name: str | None = None, wandb_key: str | None = None):
         self.writer = None
         self.wandb = None
         self.directory = directory
@@ -47,8 +55,10 @@ class Tracker:
                 self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
         if log_with in ("wandb", "all"):
             import wandb
-            self.wandb = wandb.init(project=project, name=directory.name, dir=str(directory),
-                                    config=config or {})
+            if wandb_key:
+                wandb.login(key=wandb_key)
+            self.wandb = wandb.init(project=project, name=wandb_run_name(wandb_name, directory),
+                                    dir=str(directory), config=config or {})
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:

@@ -3,12 +3,13 @@ and the torch scheduler follows the same table."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from library.config.schema import OptimizerConfig
-from library.train.schedulers import SCHEDULES, effective_schedule, lr_factor, \
+from library.train.schedulers import SCHEDULES, effective_schedule, lr_factor, scheduler_problems, \
     make_scheduler, scheduler_from_config, warmup_steps
 
 TOTAL, WARM = 100, 10
@@ -99,3 +100,69 @@ def test_schedule_free_runs_constant():
 def test_unknown_schedule_is_rejected():
     with pytest.raises(ValueError, match="valid: constant"):
         lr_factor("exponential", 0, total=10)
+
+
+def _curve(sched_or_none, opt, steps):
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched_or_none.step()
+    return lrs
+
+
+@pytest.mark.parametrize("name, args, diffusers_kwargs", [
+    ("cosine", {"num_cycles": 1.5}, {"num_cycles": 1.5}),     # one wave and a half
+    ("cosine", {}, {}),                                        # diffusers' default 0.5
+    ("polynomial", {"lr_end": 2e-4}, {"lr_end": 2e-4, "power": 2.0}),
+])
+def test_lr_scheduler_args_follow_diffusers(name, args, diffusers_kwargs):
+    """sd-scripts passes lr_scheduler_args to diffusers' schedule functions: the same curve,
+    step by step, from diffusers itself."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup, \
+        get_polynomial_decay_schedule_with_warmup
+    functions = {"cosine": get_cosine_schedule_with_warmup,
+                 "polynomial": get_polynomial_decay_schedule_with_warmup}
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    cfg = OptimizerConfig(lr_scheduler=name, lr_warmup_steps=5, learning_rate=1e-3,
+                          lr_scheduler_power=2.0, lr_scheduler_args=args)
+    ours_opt = opt()
+    ours = _curve(scheduler_from_config(cfg, ours_opt, total_steps=40), ours_opt, 45)
+    ref_opt = opt()
+    ref = functions[name](ref_opt, num_warmup_steps=5, num_training_steps=40,
+                          **diffusers_kwargs)
+    assert ours == pytest.approx(_curve(ref, ref_opt, 45), abs=1e-12)
+    if args:  # and the argument changed the curve
+        plain_opt = opt()
+        plain = _curve(scheduler_from_config(replace(cfg, lr_scheduler_args={}), plain_opt,
+                                             total_steps=40), plain_opt, 45)
+        assert ours != pytest.approx(plain, abs=1e-9)
+
+
+def test_lr_scheduler_type_builds_the_named_class():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1e-3)
+    cfg = OptimizerConfig(lr_scheduler="cosine",
+                          lr_scheduler_type="torch.optim.lr_scheduler.StepLR",
+                          lr_scheduler_args={"step_size": 2, "gamma": "0.1"})  # kohya: strings
+    sched = scheduler_from_config(cfg, opt, total_steps=10)
+    assert type(sched).__name__ == "StepLR"
+    assert _curve(sched, opt, 5) == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
+
+
+@pytest.mark.parametrize("kw, problems", [
+    ({"lr_scheduler": "cosine", "lr_scheduler_args": {"num_cycles": 1.5}}, []),
+    ({"lr_scheduler": "polynomial", "lr_scheduler_args": {"lr_end": 1e-7}}, []),
+    ({"lr_scheduler": "cosine", "lr_scheduler_args": {"last_epoch": 3}},
+     [("lr_scheduler_args", "'last_epoch' is not an argument of the cosine schedule; "
+                            "resume restores the schedule")]),
+    ({"lr_scheduler": "polynomial", "lr_scheduler_args": {"lr_end": 1e-3}},
+     [("lr_scheduler_args", "lr_end = 0.001 must be below learning_rate (0.0001)")]),
+    ({"lr_scheduler": "cosine", "lr_scheduler_args": {"num_cycles": "many"}},
+     [("lr_scheduler_args", "num_cycles = 'many': expected a number >= 0")]),
+    ({"lr_scheduler": "adafactor", "lr_scheduler_args": {"x": 1}}, []),  # ignored, as kohya
+    ({"lr_scheduler_type": "CosineAnnealingLR", "lr_scheduler_args": {"T_max": "100"}}, []),
+])
+def test_scheduler_problems(kw, problems):
+    assert scheduler_problems(OptimizerConfig(**kw)) == problems
