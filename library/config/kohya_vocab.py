@@ -279,7 +279,8 @@ def judge(name: str, value: Any, *, in_file: bool = True) -> Verdict:
     if name in COMMAND_LINE:
         return Verdict("no_effect", "a command-line option; it does nothing in a file")
     if name in NO_EFFECT:
-        return Verdict("no_effect", NO_EFFECT[name])
+        # `lowram = false` asks for nothing: listed with the unset keys, not as no effect
+        return Verdict("off") if is_off(value) else Verdict("no_effect", NO_EFFECT[name])
     if name in PENDING_IMPLEMENTATION:
         if is_off(value) or _matches(value, PENDING_OFF.get(name, ())):
             return Verdict("off")
