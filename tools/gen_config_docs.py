@@ -51,6 +51,7 @@ _TYPE_NAMES = {
     "tuple": "resolution",
     "dict": "table",
     "FloatOrPair": "float or [float, float]",
+    "list": "array of tables",
 }
 
 

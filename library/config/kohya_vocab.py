@@ -158,8 +158,9 @@ class Refusal:
 
 _HUB_UPLOAD = ("tomlora does not upload to the Hugging Face Hub; remove it and copy the "
                "LoRA from output_dir yourself")
-_DATASET_KEY = ("is a dataset_config key: write it in a [[datasets.subsets]] table of the "
-                "file named by dataset_config, or use train_data_dir with N_name folders")
+_DATASET_KEY = ("is a key of one image subset: write it in a [[subsets]] table of this file "
+                "(or of a dataset_config file's [[datasets.subsets]]), or use train_data_dir "
+                "with N_name folders")
 _OTHER_MODEL = Refusal("is an option of sd-scripts' FLUX / SD3 / other-model trainers; "
                        "tomlora trains SD1.5 and SDXL LoRAs: remove it")
 

@@ -139,9 +139,19 @@ def to_float_or_pair(v: Any) -> float | tuple[float, ...]:
     return numbers[0] if len(numbers) == 1 else tuple(numbers)
 
 
+def to_table_list(v: Any) -> list[dict]:
+    """`subsets`: an array of tables (`[[subsets]]`)."""
+    if isinstance(v, dict):
+        v = [v]
+    if isinstance(v, (list, tuple)) and all(isinstance(x, dict) for x in v):
+        return [dict(x) for x in v]
+    raise ValueError(f"expected an array of tables ([[subsets]] with image_dir, "
+                     f"num_repeats, ...), got {v!r}")
+
+
 CONVERTERS = {"bool": to_bool, "int": to_int, "float": to_float, "str": to_str,
               "tuple": to_resolution, "dict": to_kv_table,
-              "FloatOrPair": to_float_or_pair}
+              "FloatOrPair": to_float_or_pair, "list": to_table_list}
 
 
 def convert(type_str: str, v: Any) -> Any:

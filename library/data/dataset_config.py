@@ -94,6 +94,19 @@ def read_dataset_config(path: str | Path, d: DatasetConfig, cli_keys=(),
     return specs, r.warnings
 
 
+def read_inline_subsets(subsets: list, origin: str, d: DatasetConfig, cli_keys=(),
+                        default_resolution: tuple[int, int] = (512, 512)
+                        ) -> tuple[list[DatasetSpec], list[str]]:
+    """(datasets, warnings) of the `[[subsets]]` written in the main config itself (as
+    LoRA_Easy_Training_Scripts writes them): one dataset whose options come from the main
+    config. `origin` names the config file in messages; raises ConfigError."""
+    r = _Reader(Path(origin), d, set(cli_keys), default_resolution)
+    specs = r.read_subsets(subsets)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return specs, r.warnings
+
+
 class _Reader:
     def __init__(self, path: Path, d: DatasetConfig, cli: set[str], default_res):
         self.path, self.d, self.cli, self.default_res = path, d, cli, tuple(default_res)
@@ -150,6 +163,23 @@ class _Reader:
             if options is not None and subs:
                 specs.append(DatasetSpec(f"{self.path.name} {where}", options, tuple(subs)))
         return specs
+
+    def read_subsets(self, subsets: list) -> list[DatasetSpec]:
+        if self.d.train_data_dir or self.d.reg_data_dir:
+            self.warnings.append(f"{self.path}: [[subsets]] are given, so train_data_dir / "
+                                 "reg_data_dir are ignored (as with dataset_config)")
+        subs = []
+        for j, raw in enumerate(subsets, start=1):
+            raw = dict(raw) if isinstance(raw, dict) else raw
+            name = raw.pop("name", None) if isinstance(raw, dict) else None
+            where = f"[[subsets]] #{j}" + (f" ({name})" if name else "")
+            spec = self._subset(where, [self._table(raw, where, SUBSET_KEYS + SUBSET_ONLY_KEYS)])
+            if spec is not None:
+                subs.append(spec)
+        options = self._dataset_options("[[subsets]]", [])
+        if options is None or not subs:
+            return []
+        return [DatasetSpec(f"{self.path.name} [[subsets]]", options, tuple(subs))]
 
     def _table(self, raw: Any, where: str, allowed: tuple[str, ...]) -> dict:
         """The typed keys of one table; unknown keys and bad values become problems."""

@@ -86,20 +86,32 @@ def test_out_of_range(write, section, key, toml_value, rule):
     assert f"out of range; it must be {rule}" in msg
 
 
-@pytest.mark.parametrize("body, fragment", [
-    ("resolution = 1020", "1020 is not a positive multiple of 8; use e.g. 1024"),
-    ("resolution = [512, 500]", "500 is not a positive multiple of 8"),
-    ("resolution = \"1024,0\"", "0 is not a positive multiple of 8"),
-    ("resolution = 1000\nenable_bucket = true",
-     "1000 is not a positive multiple of 64 (bucket_reso_steps); use e.g. 1024"),
-    ("resolution = 1000\nenable_bucket = true\nbucket_reso_steps = 32",
-     "1000 is not a positive multiple of 32 (bucket_reso_steps)"),
+@pytest.mark.parametrize("body, expected, fragment", [
+    # sd-scripts runs these (its largest bucket is the multiple within the area): rounded
+    # down, with a warning
+    ("resolution = 1020", (1016, 1016), "1020x1020 is not a multiple of 8 (sizes are "
+     "multiples of 8 for the VAE); training at 1016x1016"),
+    ("resolution = [512, 500]", (512, 496), "not a multiple of 8"),
+    ("resolution = 1000\nenable_bucket = true", (960, 960),
+     "1000x1000 is not a multiple of 64 (bucket_reso_steps); training at 960x960"),
+    ("resolution = 1000\nenable_bucket = true\nbucket_reso_steps = 32", (992, 992),
+     "not a multiple of 32 (bucket_reso_steps)"),
 ])
-def test_resolution_must_be_a_multiple(write, body, fragment):
+def test_resolution_off_the_grid_is_rounded_down_with_a_warning(write, body, expected,
+                                                                 fragment):
     f = write("c.toml", f"[dataset]\n{body}\n")
-    msg = only_problem(["--config_file", f])
-    assert msg.startswith(f"{f}: [dataset] resolution: ")
-    assert fragment in msg
+    loaded = load(["--config_file", f])
+    assert loaded.config.dataset.resolution == expected
+    assert len(loaded.warnings) == 1
+    assert loaded.warnings[0].startswith(f"{f}: [dataset] resolution: ")
+    assert fragment in loaded.warnings[0]
+
+
+def test_resolution_must_be_positive(write):
+    f = write("c.toml", "[dataset]\nresolution = \"1024,0\"\n")
+    assert only_problem(["--config_file", f]) == (
+        f"{f}: [dataset] resolution: 0 is not a positive size; use e.g. 512 (SD1.5) or 1024 "
+        "(SDXL)")
 
 
 def test_resolution_multiple_of_bucket_steps_is_fine(write):
