@@ -88,6 +88,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, Any]], l
             overrides.append((spelled, v))
         else:
             words = [values.parse_scalar(w) for w in v]
-            overrides.append((spelled, True if not words else
+            bare = [] if spelled in kohya_vocab.MULTI_VALUE else True
+            overrides.append((spelled, bare if not words else
                               words[0] if len(words) == 1 else words))
     return ns, overrides, problems

@@ -246,6 +246,10 @@ ZERO_IS_UNSET = ("min_snr_gamma", "network_alpha", "adaptive_noise_scale",
                  "loraplus_text_encoder_lr_ratio")
 
 
+# sd-scripts options that take several values (nargs="*"): a bare `--lr_scheduler_args` is an
+# empty list there, where a bare flag of the others means true.
+MULTI_VALUE = ("lr_scheduler_args", "base_weights", "base_weights_multiplier")
+
 # ---- reading a value ---------------------------------------------------------------------
 
 def is_off(v: Any) -> bool:

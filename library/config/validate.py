@@ -25,6 +25,9 @@ def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
     if check_paths:
         check_path_keys(cfg, layers, ok)
     check_training_keys(cfg, layers, ok, check_env=check_paths)
+    if d.dataset_config and d.subsets:
+        p.append(f"{locate(layers, 'subsets')}: the config has both subsets and "
+                 "dataset_config; keep one of them")
     if lo.dim_from_weights and not lo.network_weights:
         p.append(f"{locate(layers, 'dim_from_weights')}: needs network_weights (the LoRA "
                  "file to take the modules, ranks and alphas from)")
@@ -110,9 +113,6 @@ def check_path_keys(cfg: Config, layers: Layers, ok) -> None:
     if not m.pretrained_model_name_or_path and required and ok("pretrained_model_name_or_path"):
         p.append(f"{locate(layers, 'pretrained_model_name_or_path')}: required; set it to a "
                  "diffusers model folder")
-    if d.dataset_config and d.subsets:
-        p.append(f"{locate(layers, 'subsets')}: the config has both subsets and "
-                 "dataset_config; keep one of them")
     if d.subsets:
         pass  # their folders are checked by the dataset reader (library/data)
     elif d.dataset_config:

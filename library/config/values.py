@@ -36,11 +36,15 @@ def parse_scalar(text: str) -> Any:
         return float(s)
     except ValueError:
         pass
-    if s[:1] in "[(" and s[-1:] in "])":
+    if s[:1] in "[(" and s[-1:] in "])" or "," in s:
+        # `betas=(0.9,0.99)`, and `betas=0.9,0.99` as kohya files write it (sd-scripts reads
+        # these values with ast.literal_eval, a bare comma making a tuple)
         try:
-            return list(ast.literal_eval(s))
+            parsed = ast.literal_eval(s)
         except (ValueError, SyntaxError):
-            pass
+            parsed = None
+        if isinstance(parsed, (list, tuple)):
+            return list(parsed)
     if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'":
         return s[1:-1]
     return s
