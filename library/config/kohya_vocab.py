@@ -193,9 +193,6 @@ REFUSED: dict[str, Refusal] = {
     "metadata_file": Refusal(_DATASET_KEY), "custom_attributes": Refusal(_DATASET_KEY),
     "datasets": Refusal("[[datasets]] belong in a dataset config file: move them to their "
                         "own TOML and set dataset_config to its path", always=True),
-    "general": Refusal("[general] belongs in a dataset config file: move it and the "
-                       "[[datasets]] to their own TOML and set dataset_config to its path",
-                       always=True),
     # front-ends
     "lora_network_weights": Refusal("an old kohya_ss GUI key that sd-scripts ignores; to "
                                     "start from a LoRA write network_weights instead"),
@@ -236,8 +233,8 @@ FRONT_END_KEYS: dict[str, str] = {
                                                  "tag_file_location", "train_mode")},
     **{k: "lora-scripts" for k in ("lr_restart_cycles", "model_train_type")},
     **{k: "diffusers example scripts" for k in ("dataset_name", "push_to_hub")},
-    # the top-level tables of a kohya dataset config
-    **{k: "sd-scripts dataset config" for k in ("datasets", "general")},
+    # the array of tables of a kohya dataset config ([general] is read like any table)
+    "datasets": "sd-scripts dataset config",
 }
 
 # Numeric keys of the schema where sd-scripts reads 0 as "off" (a falsy test): 0 is unset.

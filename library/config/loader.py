@@ -135,13 +135,17 @@ def add_mapping(data: dict, origin: str, layers: Layers) -> None:
         layers.warnings.append(line)
 
 
+# Keys whose value may be a table: `[optimizer_args]` is that key's value, not a section.
+TABLE_KEYS = ("network_args", "optimizer_args", "lr_scheduler_args", "custom_attributes")
+
+
 def _is_section(name: str, val: Any) -> bool:
-    """A table is a section, unless it is named after a key (`[optimizer_args]`, a table
-    value) and holds values that are not all tables (LoRA_Easy_Training_Scripts writes
-    sections as `[network_args.args]`)."""
+    """A table is a section, unless it is the value of a table key (`[optimizer_args]`) and
+    holds values that are not all tables (LoRA_Easy_Training_Scripts writes sections as
+    `[network_args.args]`, and `[train_mode]` holding `train_mode = "lora"`)."""
     if not isinstance(val, dict):
         return False
-    if name in schema.key_homes() or kohya_vocab.known(name):
+    if name in TABLE_KEYS:
         return bool(val) and all(isinstance(x, dict) for x in val.values())
     return True
 
@@ -152,11 +156,12 @@ def _walk(table: dict, path: tuple[str, ...], origin: str, layers: Layers, read:
         if not path and name == "config_version":
             continue
         if _is_section(name, val):
-            read.tables.add(path + (name,))
             _walk(val, path + (name,), origin, layers, read, seen)
             continue
         section = ".".join(path)
         read.keys += 1
+        if path:
+            read.tables.add(path)  # tables that hold keys (not [general_args] of [.args])
         home = schema.key_homes().get(name, ("",))[0]
         if section and home and schema.SECTION_ALIASES.get(section, section) != home:
             read.away += 1

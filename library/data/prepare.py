@@ -81,7 +81,7 @@ def scan_datasets(d, resolution, cli_keys=()) -> tuple[list[tuple[DataOptions, S
                                     "subsets")
             out.append((spec.options, scan))
         source = f"dataset_config {d.dataset_config}" if d.dataset_config else \
-            f"[[subsets]] of the config ({len(d.subsets)})"
+            f"{len(d.subsets)} [[subsets]] of the config"
         return out, source, warnings
     options = DataOptions.from_config(d, resolution)
     scan = scan_sources(d.train_data_dir, d.reg_data_dir, caption_extension=d.caption_extension,
