@@ -215,9 +215,9 @@ def render() -> str:
     w("")
     w("A run is configured by one TOML file (`--config_file`), command-line flags, or both. "
       "Key names are kohya-ss/sd-scripts' names. Every key below is also a command-line flag "
-      "`--key`. Loading is strict: an unknown section or key, a value of the wrong type, out "
-      "of range or not among the choices stops the run before any model loads, with every "
-      "problem listed at once, each naming the file, the section and the key.")
+      "`--key`. Loading is strict: an unknown key, a value of the wrong type, out of range or "
+      "not among the choices stops the run before any model loads, with every problem "
+      "listed at once, each naming the file, the section and the key.")
     w("")
     w("## Layers")
     w("")
