@@ -66,17 +66,18 @@ SDXL_TRAIN_NETWORK_OPTIONS = tuple("""
 
 SD_SCRIPTS_OPTIONS = TRAIN_NETWORK_OPTIONS + SDXL_TRAIN_NETWORK_OPTIONS
 
-# Keys of a dataset config's [general], [[datasets]] and [[datasets.subsets]] tables.
+# Keys of a dataset config's [general], [[datasets]] and [[datasets.subsets]] tables (its
+# user-config schema; debug_dataset, max_token_length and prior_loss_weight, which the
+# sanitizer also reads, come from the command line only).
 DATASET_CONFIG_KEYS = tuple("""
-    image_dir num_repeats shuffle_caption caption_separator keep_tokens
-    keep_tokens_separator secondary_separator enable_wildcard color_aug flip_aug
-    face_crop_aug_range random_crop caption_prefix caption_suffix caption_dropout_rate
-    caption_dropout_every_n_epochs caption_tag_dropout_rate token_warmup_min
-    token_warmup_step custom_attributes resize_interpolation caption_extension class_tokens
-    cache_info is_reg alpha_mask metadata_file conditioning_data_dir batch_size
-    enable_bucket min_bucket_reso max_bucket_reso bucket_reso_steps bucket_no_upscale
-    validation_seed validation_split resolution network_multiplier debug_dataset
-    max_token_length prior_loss_weight
+image_dir num_repeats shuffle_caption caption_separator keep_tokens keep_tokens_separator
+secondary_separator enable_wildcard color_aug flip_aug face_crop_aug_range random_crop
+caption_prefix caption_suffix caption_dropout_rate caption_dropout_every_n_epochs
+caption_tag_dropout_rate token_warmup_min token_warmup_step custom_attributes
+resize_interpolation caption_extension class_tokens cache_info is_reg alpha_mask
+metadata_file conditioning_data_dir batch_size enable_bucket min_bucket_reso max_bucket_reso
+bucket_reso_steps bucket_no_upscale validation_seed validation_split resolution
+network_multiplier
 """.split())
 
 __all__ = ["SD_SCRIPTS_COMMIT", "SD_SCRIPTS_OPTIONS", "DATASET_CONFIG_KEYS"]

@@ -35,7 +35,7 @@ DATASET_KEYS = ("batch_size", "resolution", "enable_bucket", "min_bucket_reso",
 # Subset keys that may also be written at dataset or general level (kohya's "ascendable").
 SUBSET_KEYS = tuple(f.name for f in fields(SubsetOptions)) + (
     "num_repeats", "caption_extension", "class_tokens", "cache_info", "color_aug",
-    "face_crop_aug_range", "custom_attributes")
+    "face_crop_aug_range", "custom_attributes", "resize_interpolation")
 # Keys of one subset only.
 SUBSET_ONLY_KEYS = ("image_dir", "is_reg", "metadata_file", "conditioning_data_dir")
 
@@ -44,7 +44,9 @@ _OWN_TYPES = {"num_repeats": "int", "class_tokens": "Optional[str]", "cache_info
               "image_dir": "str", "is_reg": "bool", "metadata_file": "str",
               "conditioning_data_dir": "str", "network_multiplier": "float",
               "validation_seed": "int", "validation_split": "float", "color_aug": "bool",
-              "face_crop_aug_range": "list", "custom_attributes": "dict"}
+              "face_crop_aug_range": "list", "custom_attributes": "dict",
+              # accepted, no effect: images are resized with a fixed filter
+              "resize_interpolation": "Optional[str]"}
 _SCHEMA_NAME = {"batch_size": "train_batch_size"}
 # Keys kohya accepts that we do not implement: (value that is fine, why / what to do).
 _UNSUPPORTED = {

@@ -62,10 +62,9 @@ DATASET_KEYS = set("""
 alpha_mask batch_size bucket_no_upscale bucket_reso_steps cache_info
 caption_dropout_every_n_epochs caption_dropout_rate caption_extension caption_prefix
 caption_separator caption_suffix caption_tag_dropout_rate class_tokens color_aug
-conditioning_data_dir custom_attributes debug_dataset enable_bucket enable_wildcard
-face_crop_aug_range flip_aug image_dir is_reg keep_tokens keep_tokens_separator
-max_bucket_reso max_token_length metadata_file min_bucket_reso network_multiplier
-num_repeats prior_loss_weight random_crop resize_interpolation resolution
+conditioning_data_dir custom_attributes enable_bucket enable_wildcard face_crop_aug_range
+flip_aug image_dir is_reg keep_tokens keep_tokens_separator max_bucket_reso metadata_file
+min_bucket_reso network_multiplier num_repeats random_crop resize_interpolation resolution
 secondary_separator shuffle_caption token_warmup_min token_warmup_step validation_seed
 validation_split
 """.split())
@@ -77,6 +76,12 @@ def test_the_library_lists_are_sd_scripts_names_at_the_pinned_commit():
     assert set(sd_scripts_names.SD_SCRIPTS_OPTIONS) == OPTIONS
     assert len(sd_scripts_names.SD_SCRIPTS_OPTIONS) == len(OPTIONS) == 196
     assert set(sd_scripts_names.DATASET_CONFIG_KEYS) == DATASET_KEYS
+
+
+def test_the_dataset_config_reader_knows_every_dataset_config_key():
+    from library.data import dataset_config as reader
+    known = set(reader.DATASET_KEYS + reader.SUBSET_KEYS + reader.SUBSET_ONLY_KEYS)
+    assert DATASET_KEYS - known == set()
 
 
 # Each group and the state it stands for; a name must be in exactly one group.
