@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config_file", help="TOML config (`.toml` may be omitted).")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="Override one key, e.g. --set optimizer.learning_rate=5e-5.")
-    p.add_argument("--output_config", metavar="PATH",
+    p.add_argument("--output_config", metavar="PATH", nargs="?", const=_FLAG,
                    help="Write the resolved config to PATH and exit.")
     for sec_name, cls in schema.SECTIONS.items():
         group = p.add_argument_group(f"[{sec_name}]")
@@ -76,6 +76,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, Any]], l
                 i += 1
         else:
             problems.append(f"command line: unexpected argument {item!r}")
+    if ns.output_config is _FLAG:  # sd-scripts' bare flag writes over --config_file
+        problems.append("command line: --output_config: needs a PATH to write the resolved "
+                        "config to (tomlora never writes over the --config_file it reads)")
+        ns.output_config = None
     overrides: list[tuple[str, Any]] = []
     for dest, spelled, v in getattr(ns, GIVEN, []):
         if dest.startswith("key:"):

@@ -216,6 +216,13 @@ def test_flags_with_several_values_and_off_values():
         ["--lr_scheduler_args", "T_max=10", "eta_min=0"])
 
 
+def test_set_and_bare_output_config():
+    assert "SD 2.x" in only_problem(["--set", "v2=true"])
+    assert load(["--set", "model_arguments.v2=false"]).config.model.model_family == "auto"
+    assert only_problem(["--output_config"]).startswith(
+        "command line: --output_config: needs a PATH")
+
+
 def test_v2_true_stops_the_run_with_exit_2(write, capsys):
     import train_network
     f = write("c.toml", "v2 = true\n")
