@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from library.config import ConfigError, load_config
+from library.config import ConfigError, family_problems, load_config
 from library.config.output import config_to_dict, config_to_toml, write_config_toml
 from library.data.auto_cache import cache_latents_for_run, cache_text_for_run
 from library.data.cache import cache_latents
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         net_args = check_config(cfg, family.name)
     except ValueError as e:
         return fail("Configuration error", e.problems)
+    if family_problems(cfg, family.name):  # e.g. bucket steps this family cannot use
+        return fail("Configuration error", family_problems(cfg, family.name))
     for w in net_args.warnings:
         log.warning(w)
     d = cfg.dataset
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     items = dataset.items
     if cfg.training.validation_data_dir:
         val = prepare_data(replace(d, train_data_dir=cfg.training.validation_data_dir,
-                                   reg_data_dir=None, dataset_config=None), resolution)
+                                   reg_data_dir=None, dataset_config=None, subsets=[]),
+                           resolution)
         if val.problems:
             return fail("Validation data error", val.problems)
         val_items = val.items

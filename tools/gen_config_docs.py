@@ -5,8 +5,8 @@
     python tools/gen_config_docs.py --check   # exit 1 if docs/CONFIG.md is stale
 
 The schema is the single source of truth: keys, types, defaults, docs, aliases, choices,
-ranges and the `planned` marker all come from the dataclass fields, and the command-line
-translations from library/config/cli.py. tests/config/test_docs.py keeps the file current.
+ranges and the `planned` marker all come from the dataclass fields; the "Coming from
+sd-scripts" table from library/config/kohya_vocab.py and sd_scripts_names.py. tests/config/test_docs.py keeps the file current.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from library.config import cli, schema, values  # noqa: E402
+from library.config import cli, kohya_vocab, schema, sd_scripts_names, values  # noqa: E402
 
 DOC_PATH = ROOT / "docs" / "CONFIG.md"
 
@@ -51,6 +51,7 @@ _TYPE_NAMES = {
     "tuple": "resolution",
     "dict": "table",
     "FloatOrPair": "float or [float, float]",
+    "list": "array of tables",
 }
 
 
@@ -125,6 +126,85 @@ def cli_only_flags() -> list[tuple[str, str]]:
     return rows
 
 
+def kohya_state(name: str) -> tuple[str, str]:
+    """(state, what it does here) of one sd-scripts or front-end name."""
+    homes = schema.key_homes()
+    if name in homes:
+        sec, f = homes[name]
+        if f.metadata.get("planned"):
+            return "refused when set", "not implemented yet; accepted at its default"
+        if f.name != name:
+            return "implemented", f"alias of [{sec}] `{f.name}`"
+        return "implemented", f"[{sec}] `{f.name}`"
+    if name in kohya_vocab.TRANSLATED:
+        return "implemented", "means " + kohya_vocab.TRANSLATED[name].means
+    if name in kohya_vocab.COMMAND_LINE:
+        return "implemented", "command line: " + kohya_vocab.COMMAND_LINE[name]
+    if name in kohya_vocab.NO_EFFECT:
+        return "no effect", kohya_vocab.NO_EFFECT[name]
+    if name in kohya_vocab.PENDING_IMPLEMENTATION:
+        return "being implemented", ("not supported in this build yet: refused when set, "
+                                     "accepted when off or empty")
+    r = kohya_vocab.REFUSED[name]
+    fix = r.fix[0].upper() + r.fix[1:] if not r.fix.startswith("is ") else \
+        f"`{name}` {r.fix}"
+    off = ", ".join(repr(o) for o in r.off)
+    return ("refused" if r.always else "refused when set",
+            fix + (f" (accepted: {off})" if off else ""))
+
+
+def render_kohya(w) -> None:
+    w("## Coming from sd-scripts")
+    w("")
+    w("A config written for kohya-ss/sd-scripts' `train_network.py` / "
+      "`sdxl_train_network.py`, by the kohya_ss GUI, LoRA_Easy_Training_Scripts or "
+      "lora-scripts runs unchanged, model and data paths aside. Every option of those "
+      "scripts (read from sd-scripts commit "
+      f"`{kohya_vocab.SD_SCRIPTS_COMMIT[:10]}`), every key of sd-scripts' dataset config and "
+      "the keys these front-ends write is in one of three states, in a file and as a "
+      "`--flag` alike:")
+    w("")
+    w("- **implemented**: the key of the same name, an alias, or a translation;")
+    w("- **no effect**: accepted; the run prints one summary line naming these keys and why;")
+    w("- **refused** (exit code 2) with what to do. Most are refused only **when set**: the "
+      "off value front-ends write for an unused field (`false`, `\"\"`, `0`, an empty list) "
+      "is read as unset, as sd-scripts reads it.")
+    w("")
+    w("`\"\"` is unset for every key (its default); `0` is unset for "
+      + ", ".join(f"`{k}`" for k in kohya_vocab.ZERO_IS_UNSET)
+      + ", which sd-scripts tests for truth. A name in none of these lists is a typo, "
+      "reported with a \"did you mean\".")
+    w("")
+    names = list(dict.fromkeys(sd_scripts_names.SD_SCRIPTS_OPTIONS
+                               + sd_scripts_names.DATASET_CONFIG_KEYS
+                               + tuple(kohya_vocab.FRONT_END_KEYS)))
+    counts: dict[str, int] = {}
+    for name in sd_scripts_names.SD_SCRIPTS_OPTIONS:
+        state = kohya_state(name)[0]
+        counts[state] = counts.get(state, 0) + 1
+    w(f"Of sd-scripts' {len(sd_scripts_names.SD_SCRIPTS_OPTIONS)} options: "
+      + ", ".join(f"{n} {state}" for state, n in counts.items()) + ".")
+    w("")
+    w("| name | from | state | here |")
+    w("|---|---|---|---|")
+    for name in names:
+        origin = kohya_origin(name)
+        state, what = kohya_state(name)
+        w(f"| `{name}` | {origin} | {state} | {_cell(what)} |")
+    w("")
+
+
+def kohya_origin(name: str) -> str:
+    parts = []
+    if name in sd_scripts_names.SD_SCRIPTS_OPTIONS:
+        parts.append("option")
+    if name in sd_scripts_names.DATASET_CONFIG_KEYS:
+        parts.append("dataset config")
+    if name in kohya_vocab.FRONT_END_KEYS:
+        parts.append(kohya_vocab.FRONT_END_KEYS[name])
+    return ", ".join(parts)
+
+
 def render() -> str:
     out: list[str] = []
     w = out.append
@@ -135,9 +215,9 @@ def render() -> str:
     w("")
     w("A run is configured by one TOML file (`--config_file`), command-line flags, or both. "
       "Key names are kohya-ss/sd-scripts' names. Every key below is also a command-line flag "
-      "`--key`. Loading is strict: an unknown section or key, a value of the wrong type, out "
-      "of range or not among the choices stops the run before any model loads, with every "
-      "problem listed at once, each naming the file, the section and the key.")
+      "`--key`. Loading is strict: an unknown key, a value of the wrong type, out of range or "
+      "not among the choices stops the run before any model loads, with every problem "
+      "listed at once, each naming the file, the section and the key.")
     w("")
     w("## Layers")
     w("")
@@ -146,15 +226,22 @@ def render() -> str:
     for i, layer in enumerate(LAYERS, 1):
         w(f"{i}. {layer}")
     w("")
-    w("Within one file, a key written in its home section wins over the same key written in "
-      "another section.")
+    w("Within one file, a key given twice (in two tables, or under two spellings such as "
+      "`network_dim` and `rank`) takes the later value, as sd-scripts does, with a warning "
+      "naming both places when the values differ.")
     w("")
     w("## Sections")
     w("")
-    w("Keys may be written in their home section or at the top level. A known key in another "
-      "section than its home is accepted with a one-line warning (kohya files do this).")
+    w("The config file is read the way sd-scripts reads it: every table, whatever its name "
+      "(`[additional_network_arguments]`, `[sdxl_arguments]`, `[Basics]`, ...), and keys at "
+      "the top level; a key's meaning comes from its name, not its table. Tables inside "
+      "tables (`[network_args.args]`, as LoRA_Easy_Training_Scripts writes) are read too; a "
+      "table named after a key (`[optimizer_args]`) is that key's value. The sections below "
+      "are the documented form, the one tomlora writes. A config in kohya's style gets one "
+      "summary line: how many keys were read from how many tables, and which have no effect "
+      "here (see [Coming from sd-scripts](#coming-from-sd-scripts)).")
     w("")
-    w("| section | also accepted as |")
+    w("| section | also written as |")
     w("|---|---|")
     for sec, aliases in section_aliases().items():
         w(f"| `[{sec}]` | {', '.join(f'`[{a}]`' for a in aliases) or '-'} |")
@@ -209,20 +296,10 @@ def render() -> str:
             for alias in f.metadata.get("aliases", ()):
                 w(f"| `{alias}` | `{f.name}` ([{sec}]) |")
     w("")
-    w("These flags are translated:")
+    w("The other flags of these scripts (`--use_8bit_adam`, `--push_to_hub`, "
+      "`--dataset_name`) are in the table of the next section.")
     w("")
-    w("| flag | means |")
-    w("|---|---|")
-    for flag, (key, value) in cli.FLAG_TRANSLATIONS.items():
-        w(f"| `--{flag}` | `{key} = {toml_literal(value).strip('`')}` |")
-    w("")
-    w("These flags are refused (exit code 2):")
-    w("")
-    w("| flag | why, and what to do instead |")
-    w("|---|---|")
-    for flag, why in cli.REFUSED.items():
-        w(f"| `--{flag}` | {_cell(why)} |")
-    w("")
+    render_kohya(w)
     w("## Exit codes")
     w("")
     w("| code | meaning |")

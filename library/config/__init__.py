@@ -11,10 +11,10 @@ from pathlib import Path
 from library.config import cli, loader
 from library.config.loader import ConfigError
 from library.config.schema import Config
-from library.config.validate import validate
+from library.config.validate import family_problems, round_resolution, validate
 from library.config.validate_training import canonical_optimizer
 
-__all__ = ["Config", "ConfigError", "LoadedConfig", "load_config"]
+__all__ = ["Config", "ConfigError", "LoadedConfig", "family_problems", "load_config"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ def load_config(argv: list[str], *, check_paths: bool = True) -> LoadedConfig:
     loader.add_set(ns.set, layers)
     loader.diffusers_script_defaults(
         layers, {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")})
-    cfg = canonical_optimizer(loader.normalise(loader.build(layers)))  # a class path is no choice
+    # a class path is no choice: the optimizer name is put in its canonical case here
+    cfg = round_resolution(canonical_optimizer(loader.normalise(loader.build(layers))), layers)
     # Cross-key checks run even when other keys failed, so every problem comes out at once;
     # check_paths=False (--output_config, configs of another machine) skips only the checks
     # of required paths and of files and folders that must exist.

@@ -1,7 +1,9 @@
 """The command line: `--config_file`, `--set`, `--output_config` and one `--key` per schema key.
 
 Every schema key (and each alias: kohya dataset-config names, the diffusers scripts' flags)
-is a flag. Boolean keys work as bare flags (`--gradient_checkpointing`) or with a value.
+is a flag, and so is every other name of the kohya vocabulary (kohya_vocab.py), read the
+same way as in a file. Boolean keys work as bare flags (`--gradient_checkpointing`) or with
+a value.
 """
 from __future__ import annotations
 
@@ -10,21 +12,20 @@ import difflib
 from dataclasses import fields
 from typing import Any
 
-from library.config import schema, values
+from library.config import kohya_vocab, schema, values
 
 _FLAG = object()  # a flag given without a value
+GIVEN = "given_in_order"  # namespace attribute: every key flag as (dest, spelling, value)
 
-# Flags of the diffusers example scripts that set a key to a fixed value.
-FLAG_TRANSLATIONS = {
-    "use_8bit_adam": ("optimizer_type", "AdamW8bit"),
-}
-# Flags we refuse with a pointer to what to do instead.
-REFUSED = {
-    "dataset_name": "hub datasets are not read at run time; download the dataset and pass "
-                    "--train_data_dir with its folder (images + metadata.csv/jsonl)",
-    "push_to_hub": "tomlora does not upload; copy the LoRA from output_dir yourself",
-}
 
+class _Given(argparse.Action):
+    """Records each key flag in command-line order with the spelling used, so a key given
+    twice (`--network_dim 8 --rank 16`) is seen twice and warned about, as in a file."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if getattr(namespace, GIVEN, None) is None:
+            setattr(namespace, GIVEN, [])
+        getattr(namespace, GIVEN).append((self.dest, option_string[2:], value))
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config_file", help="TOML config (`.toml` may be omitted).")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="Override one key, e.g. --set optimizer.learning_rate=5e-5.")
-    p.add_argument("--output_config", metavar="PATH",
+    p.add_argument("--output_config", metavar="PATH", nargs="?", const=_FLAG,
                    help="Write the resolved config to PATH and exit.")
     for sec_name, cls in schema.SECTIONS.items():
         group = p.add_argument_group(f"[{sec_name}]")
@@ -44,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
             nargs = "*" if kind in ("dict", "FloatOrPair") else "?"
             extra = {"const": _FLAG} if nargs == "?" else {}
             group.add_argument(*names, dest=f"key:{f.name}", nargs=nargs, default=None,
-                               help=f.metadata["doc"], **extra)
-    for flag in list(FLAG_TRANSLATIONS) + list(REFUSED):
-        p.add_argument(f"--{flag}", dest=f"special:{flag}", nargs="?", const=_FLAG,
-                       default=None, help=argparse.SUPPRESS)
+                               action=_Given, help=f.metadata["doc"], **extra)
+    # Every other name of the kohya vocabulary (kohya_vocab.py) is a flag too: bare
+    # (`--lowram`), with a value, or with several (`--lr_scheduler_args a=1 b=2`).
+    for name in sorted(kohya_vocab.ALL_NAMES - set(kohya_vocab.COMMAND_LINE)):
+        p.add_argument(f"--{name}", dest=f"vocab:{name}", nargs="*", default=None,
+                       action=_Given, help=argparse.SUPPRESS)
     return p
 
 
@@ -63,7 +66,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, Any]], l
         i += 1
         if item.startswith("--"):
             name = item[2:].split("=", 1)[0]
-            close = difflib.get_close_matches(name, list(homes), n=1, cutoff=0.6)
+            names = list(homes) + sorted(kohya_vocab.ALL_NAMES)
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
             hint = f" (did you mean --{close[0]}?)" if close else ""
             problems.append(f"command line: --{name}: unknown option{hint}")
             # `--learning_rat 1e-4`: the word after an unknown flag is its value, not a
@@ -72,24 +76,23 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, Any]], l
                 i += 1
         else:
             problems.append(f"command line: unexpected argument {item!r}")
+    if ns.output_config is _FLAG:  # sd-scripts' bare flag writes over --config_file
+        problems.append("command line: --output_config: needs a PATH to write the resolved "
+                        "config to (tomlora never writes over the --config_file it reads)")
+        ns.output_config = None
     overrides: list[tuple[str, Any]] = []
-    for dest, v in vars(ns).items():
-        if v is None:
-            continue
+    for dest, spelled, v in getattr(ns, GIVEN, []):
         if dest.startswith("key:"):
-            key = dest[4:]
-            f = homes[key][1]
-            kind, _ = values.base_type(f.type)
+            kind, _ = values.base_type(homes[dest[4:]][1].type)
             if v is _FLAG:
                 if kind != "bool":
-                    problems.append(f"command line: --{key}: needs a value")
+                    problems.append(f"command line: --{spelled}: needs a value")
                     continue
                 v = True
-            overrides.append((key, v))
-        elif dest.startswith("special:"):
-            flag = dest[8:]
-            if flag in REFUSED:
-                problems.append(f"command line: --{flag}: not supported: {REFUSED[flag]}")
-            elif v is _FLAG or values.to_bool(v):
-                overrides.append(FLAG_TRANSLATIONS[flag])
+            overrides.append((spelled, v))
+        else:
+            words = [values.parse_scalar(w) for w in v]
+            bare = [] if spelled in kohya_vocab.MULTI_VALUE else True
+            overrides.append((spelled, bare if not words else
+                              words[0] if len(words) == 1 else words))
     return ns, overrides, problems

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from library.config import schema, values
+from library.config import kohya_vocab, schema, values
 from library.config.migrate import migrate
 
 
@@ -124,58 +124,149 @@ def add_file(path: Path, layers: Layers, stack: tuple[Path, ...] = ()) -> None:
 
 
 def add_mapping(data: dict, origin: str, layers: Layers) -> None:
-    """Place every key of a parsed TOML document (sections or top level) into the layers."""
-    homes = schema.key_homes()
-    known_sections = set(schema.SECTIONS) | set(schema.SECTION_ALIASES)
-    out_of_home: list[tuple[str, str, Any]] = []
-    at_home: list[tuple[str, str, Any]] = []
-    for name, val in data.items():
-        if name == "config_version":
+    """Place every key of a parsed TOML document into the layers, the way sd-scripts reads a
+    config file: every table whatever its name, a key's meaning from its name; the same key
+    twice takes the later value (with a warning naming both places). One summary line tells
+    what was read and which keys have no effect here."""
+    read = Reading()
+    _walk(data, (), origin, layers, read, {})
+    line = read.summary(origin)
+    if line:
+        layers.warnings.append(line)
+
+
+# Keys whose value may be a table: `[optimizer_args]` is that key's value, not a section.
+TABLE_KEYS = ("network_args", "optimizer_args", "lr_scheduler_args", "custom_attributes")
+
+
+def _is_section(name: str, val: Any) -> bool:
+    """A table is a section, unless it is the value of a table key (`[optimizer_args]`) and
+    holds values that are not all tables (LoRA_Easy_Training_Scripts writes sections as
+    `[network_args.args]`, and `[train_mode]` holding `train_mode = "lora"`)."""
+    if not isinstance(val, dict):
+        return False
+    if name in TABLE_KEYS:
+        return bool(val) and all(isinstance(x, dict) for x in val.values())
+    return True
+
+
+def _walk(table: dict, path: tuple[str, ...], origin: str, layers: Layers, read: "Reading",
+          seen: dict) -> None:
+    for name, val in table.items():
+        if not path and name == "config_version":
             continue
-        if isinstance(val, dict) and name not in homes:
-            if name not in known_sections:
-                layers.incomplete = True
-                layers.problems.append(
-                    f"{origin}: [{name}]: unknown section{_suggest(name, known_sections)}; "
-                    f"valid sections: {', '.join(schema.SECTIONS)} (or kohya's "
-                    "*_arguments names)")
-                continue
-            canon = schema.SECTION_ALIASES.get(name, name)
-            for key, v in val.items():
-                if key not in homes:
-                    layers.problems.append(
-                        f"{where(origin, name, key)}: unknown key{_suggest(key, homes)}")
-                    continue
-                home = homes[key][0]
-                (at_home if home == canon else out_of_home).append((name, key, v))
-                if home != canon:
-                    layers.warnings.append(
-                        f"{where(origin, name, key)}: belongs in [{home}]; accepted here")
-        else:
-            if name not in homes:
-                layers.problems.append(f"{where(origin, '', name)}: unknown key"
-                                       f"{_suggest(name, homes)}")
-                continue
-            at_home.append(("", name, val))
-    # A key written both at home and elsewhere in one file: the home section wins.
-    for section, key, v in out_of_home + at_home:
-        canon_key = homes[key][1].name
-        layers.put(canon_key, Entry(v, origin, section, key))
+        if _is_section(name, val):
+            _walk(val, path + (name,), origin, layers, read, seen)
+            continue
+        section = ".".join(path)
+        read.keys += 1
+        if path:
+            read.tables.add(path)  # tables that hold keys (not [general_args] of [.args])
+        home = schema.key_homes().get(name, ("",))[0]
+        if section and home and schema.SECTION_ALIASES.get(section, section) != home:
+            read.away += 1
+        place(name, val, origin, section, where(origin, section, name), layers, read, seen)
+
+
+class Reading:
+    """What one file (or the command line) gave: for the summary line."""
+
+    def __init__(self):
+        self.keys = 0
+        self.away = 0                          # keys outside their canonical section
+        self.tables: set[tuple[str, ...]] = set()
+        self.no_effect: dict[str, str] = {}    # name -> reason
+        self.off: list[str] = []               # refused-when-set names given their off value
+
+    def summary(self, origin: str, *, flags: bool = False) -> str | None:
+        if not (self.away or self.no_effect or self.off):
+            return None
+        dash = "--" if flags else ""
+        parts = []
+        if not flags:
+            tables = f" from {len(self.tables)} table{'s' * (len(self.tables) != 1)}" \
+                if self.tables else ""
+            parts.append(f"read {self.keys} key{'s' * (self.keys != 1)}{tables} as "
+                         "sd-scripts does (by name, whatever the table)")
+        if self.no_effect:
+            by_reason: dict[str, list[str]] = {}
+            for name, reason in self.no_effect.items():
+                by_reason.setdefault(reason, []).append(dash + name)
+            groups = "; ".join(f"{', '.join(names)} ({reason})"
+                               for reason, names in by_reason.items())
+            n = len(self.no_effect)
+            parts.append(f"{n} {'have' if n != 1 else 'has'} no effect here: {groups}")
+        if self.off:
+            n = len(self.off)
+            parts.append(f"{n} {'are' if n != 1 else 'is'} off or empty, read as unset: "
+                         + ", ".join(dash + k for k in self.off))
+        return f"{origin}: {'; '.join(parts)} ({kohya_vocab.DOC_LINK})"
+
+
+def place(name: str, value: Any, origin: str, section: str, label: str, layers: Layers,
+          read: Reading, seen: dict) -> None:
+    """One key as the user wrote it: a schema key or alias, a vocabulary name (translated,
+    no effect, or refused) or a typo. `label` names it in messages; `seen` holds the keys
+    already given by this file or command line, to warn when one is given twice."""
+    homes = schema.key_homes()
+    if name in homes:
+        _put(homes[name][1].name, name, value, origin, section, layers, seen)
+        return
+    if not kohya_vocab.known(name):
+        kind = "option" if label.startswith("command line: --") else "key"
+        names = list(homes) + sorted(kohya_vocab.ALL_NAMES)
+        layers.problems.append(f"{label}: unknown {kind}{_suggest(name, names)}")
+        return
+    verdict = kohya_vocab.judge(name, value)
+    if verdict.kind == "set":
+        for key, v in verdict.sets:
+            _put(key, name, v, origin, section, layers, seen)
+    elif verdict.kind == "refused":
+        layers.problems.append(f"{label}: {verdict.reason}")
+    elif verdict.kind == "no_effect":
+        read.no_effect[name] = verdict.reason
+    else:
+        read.off.append(name)
+
+
+def _put(key: str, spelling: str, value: Any, origin: str, section: str, layers: Layers,
+         seen: dict) -> None:
+    entry = Entry(value, origin, section, spelling)
+    prev = seen.get(key)
+    if prev is not None and not _same(prev.value, value):
+        layers.warnings.append(
+            f"{origin}: {key} is given twice: {_as_written(prev)} = {prev.value!r} and "
+            f"{_as_written(entry)} = {value!r}; the later one is used, as in sd-scripts "
+            "(remove one)")
+    seen[key] = entry
+    layers.put(key, entry)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values of any TOML type; unequal if incomparable
+        return False
+
+
+def _as_written(e: Entry) -> str:
+    if e.origin.startswith("command line"):
+        return f"--{e.key}"
+    return f"[{e.section}] {e.key}" if e.section else e.key
 
 
 def add_cli(overrides: list[tuple[str, Any]], layers: Layers) -> None:
-    homes = schema.key_homes()
+    read, seen = Reading(), {}
     for key, v in overrides:
-        if key not in homes:
-            layers.problems.append(f"command line: --{key}: unknown option"
-                                   f"{_suggest(key, homes)}")
-            continue
-        layers.put(homes[key][1].name, Entry(v, "command line", ""))
+        place(key, v, "command line", "", f"command line: --{key}", layers, read, seen)
+    line = read.summary("command line", flags=True)
+    if line:
+        layers.warnings.append(line)
 
 
 def add_set(assignments: list[str], layers: Layers) -> None:
     """`--set section.key=value` (section optional)."""
-    homes = schema.key_homes()
+    read, seen = Reading(), {}
     for item in assignments:
         lhs, eq, rhs = item.partition("=")
         if not eq:
@@ -188,12 +279,16 @@ def add_set(assignments: list[str], layers: Layers) -> None:
                 layers.problems.append(f"command line: --set {item!r}: unknown section "
                                        f"[{section}]{_suggest(section, schema.SECTIONS)}")
                 continue
-        if key not in homes:
+        if key not in schema.key_homes() and not kohya_vocab.known(key):
+            names = list(schema.key_homes()) + sorted(kohya_vocab.ALL_NAMES)
             layers.problems.append(f"command line: --set {item!r}: unknown key "
-                                   f"{key}{_suggest(key, homes)}")
+                                   f"{key}{_suggest(key, names)}")
             continue
-        layers.put(homes[key][1].name, Entry(values.parse_scalar(rhs), "command line (--set)",
-                                             section, key))
+        place(key, values.parse_scalar(rhs), "command line (--set)", section,
+              f"command line: --set {item!r}", layers, read, seen)
+    line = read.summary("command line (--set)", flags=True)
+    if line:
+        layers.warnings.append(line)
 
 
 # Spellings that only diffusers' example scripts (train_text_to_image_lora.py,
@@ -222,6 +317,10 @@ def build(layers: Layers) -> schema.Config:
                 continue
             e = layers.entries[f.name]
             loc = locate(layers, f.name)
+            if unset_value(f.name, e.value):
+                if values.base_type(f.type)[1]:
+                    kwargs[f.name] = None
+                continue  # a non-optional key keeps its default
             try:
                 v = values.convert(f.type, e.value)
             except ValueError as err:
@@ -236,6 +335,15 @@ def build(layers: Layers) -> schema.Config:
             kwargs[f.name] = v
         sections[sec_name] = cls(**kwargs)
     return schema.Config(**sections)
+
+
+def unset_value(key: str, raw: Any) -> bool:
+    """sd-scripts reads `""` (front-ends write it for every empty field) as unset, and 0 as
+    off for the keys it tests for truth (kohya_vocab.ZERO_IS_UNSET)."""
+    if isinstance(raw, str) and not raw.strip():
+        return True
+    return key in kohya_vocab.ZERO_IS_UNSET and not isinstance(raw, bool) and \
+        isinstance(raw, (int, float)) and raw == 0
 
 
 def check_field(f, v) -> str | None:

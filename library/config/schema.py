@@ -84,6 +84,11 @@ class DatasetConfig:
     dataset_config: Optional[str] = opt(
         None, "kohya dataset TOML ([general] / [[datasets]] / [[datasets.subsets]]); replaces "
         "train_data_dir and reg_data_dir. See docs/DATASETS.md.")
+    subsets: list = opt([], "Image subsets written in the config itself, as "
+                        "LoRA_Easy_Training_Scripts writes them: `[[subsets]]` tables with the "
+                        "keys of a dataset_config subset (image_dir, num_repeats, class_tokens, "
+                        "is_reg, caption options; `name` is a label). Replaces train_data_dir "
+                        "and reg_data_dir, like dataset_config.")
     resolution: Optional[tuple] = opt(
         None, "Training resolution as `512`, `\"768,512\"` or `[768, 512]` (width, height); "
         "default is the model family's native size (512 SD1.5, 1024 SDXL).")

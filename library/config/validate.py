@@ -7,6 +7,7 @@ run's files: required paths and the existence of folders and files.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 from library.config.loader import Layers, locate
@@ -24,6 +25,9 @@ def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
     if check_paths:
         check_path_keys(cfg, layers, ok)
     check_training_keys(cfg, layers, ok, check_env=check_paths)
+    if d.dataset_config and d.subsets:
+        p.append(f"{locate(layers, 'subsets')}: the config has both subsets and "
+                 "dataset_config; keep one of them")
     if lo.dim_from_weights and not lo.network_weights:
         p.append(f"{locate(layers, 'dim_from_weights')}: needs network_weights (the LoRA "
                  "file to take the modules, ranks and alphas from)")
@@ -40,14 +44,9 @@ def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
             if getattr(d, key):
                 p.append(f"{locate(layers, te_key)}: cannot cache captions that change "
                          f"every epoch ({key} is set); turn one off")
-    if d.resolution is not None and ok("enable_bucket", "bucket_reso_steps"):
-        step = d.bucket_reso_steps if d.enable_bucket else 8
-        for side in d.resolution:
-            if side <= 0 or side % step:
-                p.append(f"{locate(layers, 'resolution')}: {side} is not a positive multiple "
-                         f"of {step}" + (" (bucket_reso_steps)" if d.enable_bucket else "")
-                         + f"; use e.g. {max(step, round(max(side, 1) / step) * step)}")
-                break
+    if d.resolution is not None and min(d.resolution) <= 0:
+        p.append(f"{locate(layers, 'resolution')}: {min(d.resolution)} is not a positive "
+                 "size; use e.g. 512 (SD1.5) or 1024 (SDXL)")
     if d.min_bucket_reso and d.max_bucket_reso and d.min_bucket_reso > d.max_bucket_reso:
         p.append(f"{locate(layers, 'min_bucket_reso')}: {d.min_bucket_reso} is larger than "
                  f"max_bucket_reso {d.max_bucket_reso}")
@@ -65,6 +64,41 @@ def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
                  "steps nor a fraction below 1")
 
 
+def round_resolution(cfg: Config, layers: Layers) -> Config:
+    """A resolution that is not a multiple of bucket_reso_steps (with buckets) or of 8 is
+    rounded down to one, with a warning: sd-scripts runs such a config, its largest bucket
+    being the multiple of the step within the resolution's area."""
+    d = cfg.dataset
+    if d.resolution is None or min(d.resolution) <= 0 or \
+            not all(k not in layers.failed for k in ("resolution", "bucket_reso_steps")):
+        return cfg
+    step = d.bucket_reso_steps if d.enable_bucket else 8
+    rounded = tuple(max(step, side // step * step) for side in d.resolution)
+    if rounded == tuple(d.resolution):
+        return cfg
+    why = "bucket_reso_steps" if d.enable_bucket else "sizes are multiples of 8 for the VAE"
+    layers.warnings.append(
+        f"{locate(layers, 'resolution')}: {d.resolution[0]}x{d.resolution[1]} is not a "
+        f"multiple of {step} ({why}); training at {rounded[0]}x{rounded[1]}")
+    return replace(cfg, dataset=replace(d, resolution=rounded))
+
+
+# sd-scripts refuses bucket sides that its UNet cannot halve down to its innermost block:
+# bucket_reso_steps must divide by 64 for SD1.5 (train_network.py) and by 32 for SDXL
+# (sdxl_train_network.py), when buckets are on.
+BUCKET_STEP_OF_FAMILY = {"sd15": 64, "sdxl": 32}
+
+
+def family_problems(cfg: Config, family: str) -> list[str]:
+    """Checks that need the model family (known once the model is found, before it loads)."""
+    d, step = cfg.dataset, BUCKET_STEP_OF_FAMILY.get(family)
+    if not (d.enable_bucket and step and d.bucket_reso_steps % step):
+        return []
+    nearest = max(step, round(d.bucket_reso_steps / step) * step)
+    return [f"[dataset] bucket_reso_steps: {d.bucket_reso_steps} is not a multiple of {step}, "
+            f"which {family} buckets need (sd-scripts refuses it too); use {nearest}"]
+
+
 # [dataset] keys under which a caption changes from step to step: its text-encoder output
 # cannot be cached (checked here for `true`, read by library/data/auto_cache.py when unset).
 VARYING_CAPTION_KEYS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
@@ -79,7 +113,9 @@ def check_path_keys(cfg: Config, layers: Layers, ok) -> None:
     if not m.pretrained_model_name_or_path and required and ok("pretrained_model_name_or_path"):
         p.append(f"{locate(layers, 'pretrained_model_name_or_path')}: required; set it to a "
                  "diffusers model folder")
-    if d.dataset_config:
+    if d.subsets:
+        pass  # their folders are checked by the dataset reader (library/data)
+    elif d.dataset_config:
         if not Path(d.dataset_config).is_file():
             p.append(f"{locate(layers, 'dataset_config')}: file {d.dataset_config!r} not "
                      "found")

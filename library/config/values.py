@@ -36,11 +36,15 @@ def parse_scalar(text: str) -> Any:
         return float(s)
     except ValueError:
         pass
-    if s[:1] in "[(" and s[-1:] in "])":
+    if s[:1] in "[(" and s[-1:] in "])" or "," in s:
+        # `betas=(0.9,0.99)`, and `betas=0.9,0.99` as kohya files write it (sd-scripts reads
+        # these values with ast.literal_eval, a bare comma making a tuple)
         try:
-            return list(ast.literal_eval(s))
+            parsed = ast.literal_eval(s)
         except (ValueError, SyntaxError):
-            pass
+            parsed = None
+        if isinstance(parsed, (list, tuple)):
+            return list(parsed)
     if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'":
         return s[1:-1]
     return s
@@ -139,9 +143,19 @@ def to_float_or_pair(v: Any) -> float | tuple[float, ...]:
     return numbers[0] if len(numbers) == 1 else tuple(numbers)
 
 
+def to_table_list(v: Any) -> list[dict]:
+    """`subsets`: an array of tables (`[[subsets]]`)."""
+    if isinstance(v, dict):
+        v = [v]
+    if isinstance(v, (list, tuple)) and all(isinstance(x, dict) for x in v):
+        return [dict(x) for x in v]
+    raise ValueError(f"expected an array of tables ([[subsets]] with image_dir, "
+                     f"num_repeats, ...), got {v!r}")
+
+
 CONVERTERS = {"bool": to_bool, "int": to_int, "float": to_float, "str": to_str,
               "tuple": to_resolution, "dict": to_kv_table,
-              "FloatOrPair": to_float_or_pair}
+              "FloatOrPair": to_float_or_pair, "list": to_table_list}
 
 
 def convert(type_str: str, v: Any) -> Any:

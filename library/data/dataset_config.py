@@ -35,7 +35,7 @@ DATASET_KEYS = ("batch_size", "resolution", "enable_bucket", "min_bucket_reso",
 # Subset keys that may also be written at dataset or general level (kohya's "ascendable").
 SUBSET_KEYS = tuple(f.name for f in fields(SubsetOptions)) + (
     "num_repeats", "caption_extension", "class_tokens", "cache_info", "color_aug",
-    "face_crop_aug_range", "custom_attributes")
+    "face_crop_aug_range", "custom_attributes", "resize_interpolation")
 # Keys of one subset only.
 SUBSET_ONLY_KEYS = ("image_dir", "is_reg", "metadata_file", "conditioning_data_dir")
 
@@ -44,7 +44,9 @@ _OWN_TYPES = {"num_repeats": "int", "class_tokens": "Optional[str]", "cache_info
               "image_dir": "str", "is_reg": "bool", "metadata_file": "str",
               "conditioning_data_dir": "str", "network_multiplier": "float",
               "validation_seed": "int", "validation_split": "float", "color_aug": "bool",
-              "face_crop_aug_range": "list", "custom_attributes": "dict"}
+              "face_crop_aug_range": "list", "custom_attributes": "dict",
+              # accepted, no effect: images are resized with a fixed filter
+              "resize_interpolation": "Optional[str]"}
 _SCHEMA_NAME = {"batch_size": "train_batch_size"}
 # Keys kohya accepts that we do not implement: (value that is fine, why / what to do).
 _UNSUPPORTED = {
@@ -89,6 +91,19 @@ def read_dataset_config(path: str | Path, d: DatasetConfig, cli_keys=(),
     """
     r = _Reader(Path(path), d, set(cli_keys), default_resolution)
     specs = r.read()
+    if r.problems:
+        raise ConfigError(r.problems)
+    return specs, r.warnings
+
+
+def read_inline_subsets(subsets: list, origin: str, d: DatasetConfig, cli_keys=(),
+                        default_resolution: tuple[int, int] = (512, 512)
+                        ) -> tuple[list[DatasetSpec], list[str]]:
+    """(datasets, warnings) of the `[[subsets]]` written in the main config itself (as
+    LoRA_Easy_Training_Scripts writes them): one dataset whose options come from the main
+    config. `origin` names the config file in messages; raises ConfigError."""
+    r = _Reader(Path(origin), d, set(cli_keys), default_resolution)
+    specs = r.read_subsets(subsets)
     if r.problems:
         raise ConfigError(r.problems)
     return specs, r.warnings
@@ -150,6 +165,23 @@ class _Reader:
             if options is not None and subs:
                 specs.append(DatasetSpec(f"{self.path.name} {where}", options, tuple(subs)))
         return specs
+
+    def read_subsets(self, subsets: list) -> list[DatasetSpec]:
+        if self.d.train_data_dir or self.d.reg_data_dir:
+            self.warnings.append(f"{self.path}: [[subsets]] are given, so train_data_dir / "
+                                 "reg_data_dir are ignored (as with dataset_config)")
+        subs = []
+        for j, raw in enumerate(subsets, start=1):
+            raw = dict(raw) if isinstance(raw, dict) else raw
+            name = raw.pop("name", None) if isinstance(raw, dict) else None
+            where = f"[[subsets]] #{j}" + (f" ({name})" if name else "")
+            spec = self._subset(where, [self._table(raw, where, SUBSET_KEYS + SUBSET_ONLY_KEYS)])
+            if spec is not None:
+                subs.append(spec)
+        options = self._dataset_options("[[subsets]]", [])
+        if options is None or not subs:
+            return []
+        return [DatasetSpec(f"{self.path.name} [[subsets]]", options, tuple(subs))]
 
     def _table(self, raw: Any, where: str, allowed: tuple[str, ...]) -> dict:
         """The typed keys of one table; unknown keys and bad values become problems."""

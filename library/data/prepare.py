@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from library.data.dataset import DataGroup, DataSet
-from library.data.dataset_config import dataset_option_errors, read_dataset_config
+from library.data.dataset_config import dataset_option_errors, read_dataset_config, \
+    read_inline_subsets
 from library.data.doctor import check_items
 from library.data.options import DataOptions, SubsetOptions
 from library.data.sources import Item, Scan, balance_reg, require_training_images, scan_sources, \
@@ -62,8 +63,10 @@ def scan_datasets(d, resolution, cli_keys=()) -> tuple[list[tuple[DataOptions, S
 
     Raises ConfigError (from the dataset_config reader) for a bad dataset TOML.
     """
-    if d.dataset_config:
-        specs, warnings = read_dataset_config(d.dataset_config, d, cli_keys, resolution)
+    if d.dataset_config or d.subsets:
+        specs, warnings = read_dataset_config(d.dataset_config, d, cli_keys, resolution) \
+            if d.dataset_config else \
+            read_inline_subsets(d.subsets, "config", d, cli_keys, resolution)
         out = []
         for spec in specs:
             scan = Scan()
@@ -77,7 +80,9 @@ def scan_datasets(d, resolution, cli_keys=()) -> tuple[list[tuple[DataOptions, S
             require_training_images(scan, f"{spec.label}: no training images found in its "
                                     "subsets")
             out.append((spec.options, scan))
-        return out, f"dataset_config {d.dataset_config}", warnings
+        source = f"dataset_config {d.dataset_config}" if d.dataset_config else \
+            f"{len(d.subsets)} [[subsets]] of the config"
+        return out, source, warnings
     options = DataOptions.from_config(d, resolution)
     scan = scan_sources(d.train_data_dir, d.reg_data_dir, caption_extension=d.caption_extension,
                         caption_column=d.caption_column, image_column=d.image_column,

@@ -124,7 +124,7 @@ def test_use_8bit_adam_is_translated():
 ])
 def test_refused_flags_say_what_to_do(argv, fragment):
     msg = only_problem(argv)
-    assert msg.startswith(f"command line: {argv[0].split('=')[0]}: not supported: ")
+    assert msg.startswith(f"command line: {argv[0].split('=')[0]}: ")
     assert fragment in msg
 
 

@@ -51,7 +51,7 @@ def test_kohya_section_aliases(write, alias, canon):
     assert loaded.warnings == ()  # an alias of the home section is home
 
 
-def test_known_key_outside_its_home_gives_one_warning(write):
+def test_known_key_outside_its_home_gives_one_summary_line(write):
     f = write("c.toml", """
         [dataset_arguments]
         learning_rate = 2e-4
@@ -60,12 +60,13 @@ def test_known_key_outside_its_home_gives_one_warning(write):
     loaded = load(["--config_file", f])
     assert loaded.config.optimizer.learning_rate == 2e-4
     assert loaded.warnings == (
-        f"{f}: [dataset_arguments] learning_rate: belongs in [optimizer]; accepted here",)
+        f"{f}: read 2 keys from 1 table as sd-scripts does (by name, whatever the table) "
+        '(docs/CONFIG.md, "Coming from sd-scripts")',)
 
 
-def test_key_both_at_home_and_elsewhere_home_wins(write):
-    # The seed's config writes learning_rate under [dataset_arguments] and
-    # [optimizer_arguments]; the home section wins whatever the order in the file.
+def test_key_in_two_tables_later_wins_with_a_warning_naming_both(write):
+    # sd-scripts merges the tables in file order, so the later one wins whatever the
+    # section names; differing values are worth a warning.
     f = write("c.toml", """
         [optimizer_arguments]
         learning_rate = 3e-4
@@ -73,9 +74,24 @@ def test_key_both_at_home_and_elsewhere_home_wins(write):
         learning_rate = 1e-4
     """)
     loaded = load(["--config_file", f])
-    assert loaded.config.optimizer.learning_rate == 3e-4
-    assert len(loaded.warnings) == 1
-    assert "[dataset_arguments] learning_rate: belongs in [optimizer]" in loaded.warnings[0]
+    assert loaded.config.optimizer.learning_rate == 1e-4
+    assert loaded.warnings[0] == (
+        f"{f}: learning_rate is given twice: [optimizer_arguments] learning_rate = 0.0003 and "
+        "[dataset_arguments] learning_rate = 0.0001; the later one is used, as in sd-scripts "
+        "(remove one)")
+    assert len(loaded.warnings) == 2  # and the summary line
+
+
+def test_same_value_in_two_tables_is_no_warning(write):
+    f = write("c.toml", """
+        [dataset_arguments]
+        learning_rate = 1e-4
+        [optimizer_arguments]
+        learning_rate = 0.0001
+    """)
+    loaded = load(["--config_file", f])
+    assert loaded.config.optimizer.learning_rate == 1e-4
+    assert not any("given twice" in w for w in loaded.warnings)
 
 
 def test_top_level_keys_need_no_section(write):

@@ -5,7 +5,7 @@ from dataclasses import MISSING, fields
 
 import pytest
 
-from library.config import cli, loader, schema, values
+from library.config import cli, kohya_vocab, loader, schema, values
 
 # The key names DESIGN.md section 4 fixes (kohya's vocabulary), copied from it.
 DESIGN_KEYS = """
@@ -63,8 +63,7 @@ def test_names_are_unique_across_keys_aliases_and_sections():
             assert name not in seen, f"{name} is both {seen[name]} and {sec}.{f.name}"
             seen[name] = f"{sec}.{f.name}"
     cli_only = {"config_file", "set", "output_config"}
-    special = set(cli.FLAG_TRANSLATIONS) | set(cli.REFUSED)
-    assert not (set(seen) & (cli_only | special | set(schema.SECTIONS)
+    assert not (set(seen) & (cli_only | kohya_vocab.ALL_NAMES | set(schema.SECTIONS)
                              | set(schema.SECTION_ALIASES)))
 
 

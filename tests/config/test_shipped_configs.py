@@ -156,18 +156,12 @@ def test_seed_002_everything_else_loads(seed_002_run):
     argv = seed_002_run + [f"--set={k}=none" for k in SEED_002_PLANNED]
     loaded = load(argv, check_paths=True)
     check_seed_002(loaded.config)
-    out_of_home = {
-        ("dataset_arguments", "max_train_steps", "training"),
-        ("dataset_arguments", "learning_rate", "optimizer"),
-        ("dataset_arguments", "lr_scheduler", "optimizer"),
-        ("dataset_arguments", "lr_warmup_steps", "optimizer"),
-        ("training_arguments", "output_dir", "saving"),
-        ("training_arguments", "output_name", "saving"),
-        ("training_arguments", "save_precision", "saving"),
-    }
-    assert sorted(loaded.warnings) == sorted(
-        f"{Path('config.toml').resolve()}: [{sec}] {key}: belongs in [{home}]; accepted here"
-        for sec, key, home in out_of_home)
+    # seven keys sit outside their canonical section (max_train_steps under
+    # [dataset_arguments], output_dir under [training_arguments], ...): one summary line,
+    # and learning_rate, given twice with the same value, warns nothing.
+    assert loaded.warnings == (
+        f"{Path('config.toml').resolve()}: read 24 keys from 6 tables as sd-scripts does (by "
+        'name, whatever the table) (docs/CONFIG.md, "Coming from sd-scripts")',)
 
 
 @planned_xfail(SEED_002_PLANNED, PLANNED_REASON)
