@@ -126,6 +126,9 @@ class _Reader:
         if self.d.train_data_dir or self.d.reg_data_dir:
             self.warnings.append(f"{self.path}: dataset_config is given, so train_data_dir "
                                  "/ reg_data_dir are ignored (as in kohya)")
+        if getattr(self.d, "in_json", None):
+            self.warnings.append(f"{self.path}: dataset_config is given, so in_json is "
+                                 "ignored (as in kohya); use a subset's metadata_file")
         specs = []
         for i, ds in enumerate(datasets, start=1):
             where = f"[[datasets]] #{i}"

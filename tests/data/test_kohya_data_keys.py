@@ -259,3 +259,16 @@ def test_weighted_captions_warn_about_commas_in_brackets(cwd):
     assert len(warnings) == 1 and "1 caption(s)" in warnings[0] and "a.png" in warnings[0]
     assert not [w for w in prepare_data(replace(d, shuffle_caption=False), RES).warnings
                 if "weighted_captions" in w]
+
+
+def test_in_json_is_ignored_with_a_dataset_toml(masked):
+    path = _toml(masked, """
+        [[datasets]]
+        resolution = 64
+          [[datasets.subsets]]
+          image_dir = "train/2_sks"
+    """)
+    data = prepare_data(dataset_config(dataset_config=path, in_json="meta.json"), RES)
+    assert data.problems == []
+    assert f"{path}: dataset_config is given, so in_json is ignored (as in kohya); use a " \
+        "subset's metadata_file" in data.warnings
