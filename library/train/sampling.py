@@ -60,7 +60,7 @@ def encoding_options(cfg) -> dict:
     """How the run encodes captions, for prompts: the same clip_skip, chunking and
     weighting as training."""
     return dict(clip_skip=cfg.model.clip_skip, max_token_length=cfg.model.max_token_length,
-                weighted=getattr(cfg.dataset, "weighted_captions", False))
+                weighted=cfg.dataset.weighted_captions)
 
 
 def make_pipeline(c):
