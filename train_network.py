@@ -41,11 +41,12 @@ from library.train.saving import bucket_info, build_metadata, config_json, finge
 from library.train.noise import apply_zero_terminal_snr
 from library.train.schedulers import scheduler_from_config
 from library.train.speed import configure_speed, step_begin, training_unet
-from library.train.step import LossSettings, batch_to_device, diffusion_loss
+from library.train.step import LossSettings, batch_to_device, diffusion_loss, \
+    set_batch_multiplier
 from library.train.state import Position, StateError, load_state, read_position, \
     resume_warning, save_state
 from library.train.tracking import LossAverage, Tracker, lr_scalars, run_dir, step_scalars
-from library.train.validation import split_items, validation_loss
+from library.train.validation import hold_out_for, validation_loss
 from networks.build import build_network, load_network_weights, skipped_prefixes
 from networks.max_norm import apply_max_norm
 from networks.param_groups import check_config, param_groups
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     except StateError as e:
         return fail("Resume error", [str(e)])
     world = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate launch --num_processes
-    dataset, val_items = build_group(data, seed, world=world, hold_out=lambda its: split_items(
-        its, cfg.training.validation_split, seed))
+    dataset, val_items = build_group(data, seed, world=world,
+                                     hold_out=hold_out_for(cfg.training, seed))
     items = dataset.items
     if cfg.training.validation_data_dir:
         val = prepare_data(replace(d, train_data_dir=cfg.training.validation_data_dir,
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                                world=accelerator.num_processes).summary())  # every rank logs
     conditioning = TextConditioner(c, family, cfg.model.clip_skip, train_te,
                                    keep_cache=cache_te,
-                                   max_token_length=cfg.model.max_token_length)
+                                   max_token_length=cfg.model.max_token_length,
+                                   weighted=d.weighted_captions)
     if cache_te:  # every static caption once, before training (library/data/text_cache.py)
         log.info(cache_text_encoder_outputs(
             conditioning, static_captions(dataset, val_set),
@@ -339,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                     local, epoch, slot + len(global_batch) * rank // world, global_step,
                     total_steps), device, cfg.training.pin_memory)
                 slot += len(global_batch)
+                set_batch_multiplier(network, batch)  # a dataset TOML's network_multiplier
                 latents = batch["latents"] if "latents" in batch else \
                     latents_of.sample(batch["pixels"])
                 step_begin(cfg.training)  # CUDA graphs: the last step's outputs are free

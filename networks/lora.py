@@ -128,7 +128,10 @@ class LoRAModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self._base_forward(x, *args, **kwargs)
-        if self._merged_backup is not None or self.multiplier == 0:
+        # Multiplier 0 skips the LoRA at inference; in training it still runs (times 0), as
+        # in kohya, so a batch of a network_multiplier = 0 dataset gives zero gradients
+        # (the optimizer steps as usual) instead of a loss without a graph.
+        if self._merged_backup is not None or (self.multiplier == 0 and not self.training):
             return out
         if self.training and self.module_dropout > 0 and \
                 torch.rand((), device="cpu").item() < self.module_dropout:

@@ -84,12 +84,15 @@ def generate(model: str, *, loras: list[tuple[str, float]] = (), prompt: str | N
              prompts: list[PromptSpec] | None = None, negative_prompt: str = "",
              steps: int = DEFAULT_STEPS, scale: float = DEFAULT_SCALE, seed: int = 0,
              width: int | None = None, height: int | None = None, sampler: str = "euler_a",
-             n: int = 1, batch: int = 1, clip_skip: int = 1, out_dir: str | Path | None = None,
+             n: int = 1, batch: int = 1, clip_skip: int = 1, max_token_length: int = 75,
+             weighted: bool = False, out_dir: str | Path | None = None,
              device: str | None = None, dtype: str = "fp32", vae: str | None = None,
              loaded=None, progress: bool = False) -> list[Generated]:
     """Render `n` images per prompt (seeds spec.seed, spec.seed+1, ...) in batches of
     `batch`; write PNGs to `out_dir` when given. `prompts` (PromptSpecs) replaces `prompt`
-    and the per-prompt options. `loaded` reuses a `load(...)` result."""
+    and the per-prompt options. `loaded` reuses a `load(...)` result. Prompts are encoded as
+    training encodes captions: kohya's `clip_skip`, `max_token_length` (75/150/225) and, with
+    `weighted`, the `(word:1.2)` syntax of `weighted_captions`."""
     from library.train.sampling import render, save_png, to_uint8
     c, pipe, base_config, networks = loaded or load(model, loras, device=device,
                                                     dtype=dtype, vae=vae)
@@ -112,7 +115,8 @@ def generate(model: str, *, loras: list[tuple[str, float]] = (), prompt: str | N
         seeds = [base_seed + i for i in range(n)]
         for start in range(0, n, max(1, batch)):
             chunk = seeds[start:start + max(1, batch)]
-            arrays = render(pipe, base_config, spec, chunk, clip_skip=clip_skip)
+            arrays = render(pipe, base_config, spec, chunk, c, clip_skip=clip_skip,
+                            max_token_length=max_token_length, weighted=weighted)
             for s, arr in zip(chunk, arrays):
                 item = Generated(replace(spec, seed=s), arr)
                 if out is not None:
@@ -150,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                    + ", ".join(samplers.SAMPLER_NAMES))
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--batch", type=int, default=1, help="images per pipeline call")
-    p.add_argument("--clip_skip", type=int, default=1)
+    p.add_argument("--clip_skip", type=int, default=1, help="kohya's clip_skip (2: the "
+                   "penultimate text-encoder layer), as the LoRA was trained")
+    p.add_argument("--max_token_length", type=int, choices=(75, 150, 225), default=75,
+                   help="prompt length in tokens (150/225: 75-token chunks, as in training)")
+    p.add_argument("--weighted_captions", action="store_true",
+                   help="parse (word:1.2) / (word) / [word] weights in the prompts")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="UNet/text-encoder dtype on CUDA (the VAE stays fp32)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -182,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                            negative_prompt=args.negative_prompt, steps=args.steps,
                            scale=args.scale, seed=args.seed, width=args.width,
                            height=args.height, sampler=sampler, n=args.n, batch=args.batch,
-                           clip_skip=args.clip_skip, out_dir=args.out, device=args.device,
-                           dtype=args.dtype, vae=args.vae, progress=True)
+                           clip_skip=args.clip_skip, max_token_length=args.max_token_length,
+                           weighted=args.weighted_captions, out_dir=args.out,
+                           device=args.device, dtype=args.dtype, vae=args.vae, progress=True)
     except (ValueError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

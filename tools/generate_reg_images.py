@@ -56,7 +56,7 @@ def generate_reg_images(model: str, class_prompt: str, n: int, out: str | Path, 
     with tqdm(total=len(todo), desc=f"reg images -> {out}", disable=not progress) as bar:
         for start in range(0, len(todo), max(1, batch)):
             chunk = todo[start:start + max(1, batch)]
-            arrays = render(pipe, base_config, spec, [seed + i for i in chunk])
+            arrays = render(pipe, base_config, spec, [seed + i for i in chunk], c)
             for i, arr in zip(chunk, arrays):
                 png = out / f"{i:06d}.png"
                 # caption first: a PNG on disk always has its caption

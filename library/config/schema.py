@@ -132,6 +132,18 @@ class DatasetConfig:
                                    "of the total steps; 0 = off).", minimum=0.0)
     alpha_mask: bool = opt(False, "Use each image's alpha channel as a loss mask "
                            "(transparent pixels do not train).")
+    masked_loss: bool = opt(False, "Weight the loss by a mask image per training image: the "
+                            "image of the same name in conditioning_data_dir, its red channel "
+                            "(white trains, black does not). See docs/DATASETS.md, Masks.")
+    conditioning_data_dir: Optional[str] = opt(
+        None, "Folder of mask images for masked_loss (also a subset key of a kohya "
+        "dataset_config); each training image needs one with the same file stem.")
+    weighted_captions: bool = opt(False, "Parse A1111 attention weights in captions and "
+                                  "sample prompts: `(word:1.2)`, `(word)` = x1.1, `[word]` = "
+                                  "/1.1; the text-encoder states of those tokens are scaled.")
+    in_json: Optional[str] = opt(None, "kohya fine-tuning metadata JSON (image key -> "
+                                 "{caption, tags}); its images are in train_data_dir.")
+    dataset_repeats: int = opt(1, "Repeats of every image of in_json.", minimum=1)
     color_aug: bool = opt(False, "kohya's colour augmentation.", planned=True)
     prior_loss_weight: float = opt(1.0, "Loss weight of regularization images.", minimum=0.0)
     cache_latents: Optional[bool] = opt(None, "Encode every image with the VAE once, "
@@ -238,6 +250,8 @@ class TrainingConfig:
                                "instead of stopping the run.")
     validation_split: float = opt(0.0, "Fraction of the training images (not reg images) "
                                   "held out for the validation loss (0 = none).", minimum=0.0)
+    validation_seed: Optional[int] = opt(None, "Seed of the validation_split draw "
+                                         "(default: the training seed).")
     validation_data_dir: Optional[str] = opt(None, "Folder of validation images (same layouts "
                                              "as train_data_dir).")
     validate_every_n_steps: Optional[int] = opt(None, "Compute loss/validation every N steps.",

@@ -4,7 +4,8 @@ A disk cache entry is content-addressed: its key is a hash of everything that de
 latents, so a changed input can never be served a stale latent:
 
     sha256(format version, sha256 of the image file's bytes, bucket (w, h), crop box
-           (scaled size, left, top), flip, alpha_mask, VAE identity, VAE dtype)
+           (scaled size, left, top), flip, alpha_mask, VAE identity, VAE dtype
+           [, sha256 of the mask image's bytes with masked_loss])
 
 The VAE identity (``vae_identity``, i.e. ``module_identity``, which the text-encoder cache
 shares) hashes the VAE's config (without diffusers' bookkeeping entries such as
@@ -91,9 +92,11 @@ def file_digest(path: Path, memo: dict | None = None) -> str:
 
 
 def latent_key(image_digest: str, bucket, box: B.CropBox, flip: bool, alpha_mask: bool,
-               vae_id: str, dtype: torch.dtype) -> str:
+               vae_id: str, dtype: torch.dtype, mask_digest: str | None = None) -> str:
     parts = [CACHE_VERSION, image_digest, list(bucket), list(box.scaled_size), box.left,
              box.top, bool(flip), bool(alpha_mask), vae_id, str(dtype)]
+    if mask_digest is not None:  # masked_loss: the mask image's bytes (keys without stay)
+        parts.append(["mask", mask_digest])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -202,7 +205,8 @@ def cache_latents(data, encode, *, vae, vae_dtype: torch.dtype, to_disk: bool = 
                 if to_disk:
                     key = latent_key(file_digest(item.image, digests), ds.buckets[idx], box,
                                      flip, item.opts.alpha_mask and ds.uses_mask, vae_id,
-                                     vae_dtype)
+                                     vae_dtype, None if item.mask is None else
+                                     file_digest(item.mask, digests))
                     path = cache_path(item.image, key, cache_dir)
                     entry = read_entry(path, key)
                     if entry is not None:

@@ -25,6 +25,7 @@ from library.data import buckets as B
 from library.data.captions import process_caption
 from library.data.images import image_size, load_image_with_alpha, resize_and_crop_array, \
     to_tensor
+from library.data.masks import load_mask
 from library.data.options import DataOptions, SubsetOptions  # noqa: F401  (re-export)
 from library.data.sources import Item
 
@@ -96,7 +97,7 @@ class DataSet:
         self.sizes = sizes if sizes is not None else [image_size(i.image) for i in items]
         self.buckets = assign_buckets(self.sizes, options)
         self.repeats = [i.repeats for i in items]
-        self.uses_mask = any(i.opts.alpha_mask for i in items)
+        self.uses_mask = any(i.opts.alpha_mask or i.mask is not None for i in items)
         # (item index, flipped) -> latents / loss mask, filled by library.data.cache
         self.latent_cache: dict[tuple[int, bool], torch.Tensor] = {}
         self.mask_cache: dict[tuple[int, bool], torch.Tensor] = {}
@@ -129,7 +130,9 @@ class DataSet:
                                       bucket)
         pixels = to_tensor(Image.fromarray(array), flip)
         mask = None
-        if self.uses_mask:
+        if item.mask is not None:  # a mask image wins over the alpha channel, as in kohya
+            mask = latent_mask(load_mask(item.mask), box, bucket, flip)
+        elif self.uses_mask:
             mask = latent_mask(alpha if item.opts.alpha_mask else None, box, bucket, flip)
         return pixels, mask
 
@@ -191,6 +194,8 @@ class DataSet:
         for key in samples[0]:
             if key != "caption":
                 out[key] = torch.stack([s[key] for s in samples])
+        if self.o.network_multiplier != 1.0:  # a dataset TOML's network_multiplier
+            out["network_multiplier"] = self.o.network_multiplier
         return out
 
 

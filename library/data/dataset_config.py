@@ -53,12 +53,7 @@ _UNSUPPORTED = {
     "color_aug": (False, "colour augmentation is not supported (it also breaks latent "
                   "caching in kohya); remove it"),
     "face_crop_aug_range": (None, "face-crop augmentation is not supported; remove it"),
-    "network_multiplier": (1.0, "per-dataset network multipliers are not supported; "
-                           "remove it"),
-    "validation_split": (0.0, "validation splits are not supported; remove it"),
     "custom_attributes": ({}, "custom_attributes are not supported; remove them"),
-    "conditioning_data_dir": (None, "ControlNet datasets are not supported by a LoRA "
-                              "trainer; remove the subset"),
 }
 
 
@@ -72,6 +67,7 @@ class SubsetSpec:
     class_tokens: str | None
     caption_extension: str
     opts: SubsetOptions
+    conditioning_data_dir: Path | None = None   # masked_loss: the subset's mask images
 
 
 @dataclass(frozen=True)
@@ -145,6 +141,9 @@ class _Reader:
         if self.d.train_data_dir or self.d.reg_data_dir:
             self.warnings.append(f"{self.path}: dataset_config is given, so train_data_dir "
                                  "/ reg_data_dir are ignored (as in kohya)")
+        if getattr(self.d, "in_json", None):
+            self.warnings.append(f"{self.path}: dataset_config is given, so in_json is "
+                                 "ignored (as in kohya); use a subset's metadata_file")
         specs = []
         for i, ds in enumerate(datasets, start=1):
             where = f"[[datasets]] #{i}"
@@ -240,8 +239,8 @@ class _Reader:
     # ---- resolving one subset / one dataset through the levels -----------------------
     def _pick(self, key: str, levels: list[dict], default: Any) -> Any:
         name = _SCHEMA_NAME.get(key, key)
-        if name in self.cli:
-            return getattr(self.d, name)
+        if name in self.cli:  # a [training] key given on the command line: None = use it
+            return getattr(self.d, name, None)
         for level in levels:
             if key in level:
                 return level[key]
@@ -253,6 +252,13 @@ class _Reader:
         sub = levels[0]
         image_dir = self._path(sub.get("image_dir"), where, "image_dir", folder=True)
         meta = self._path(sub.get("metadata_file"), where, "metadata_file", folder=False)
+        masks = self._path(sub.get("conditioning_data_dir"), where, "conditioning_data_dir",
+                           folder=True)
+        if "conditioning_data_dir" in sub and not self.d.masked_loss:
+            # kohya's train_network reads conditioning_data_dir only with --masked_loss
+            self.problems.append(f"{self.path}: {where} conditioning_data_dir: mask images "
+                                 "are used only with masked_loss = true (set it in the main "
+                                 "config), or remove the key")
         if "image_dir" not in sub and "metadata_file" not in sub:
             self.problems.append(f"{self.path}: {where}: needs image_dir (a folder of images) "
                                  "or metadata_file (kohya fine-tuning JSON)")
@@ -268,7 +274,7 @@ class _Reader:
         return SubsetSpec(
             where, image_dir, meta, self._pick("num_repeats", levels, 1),
             bool(sub.get("is_reg", False)), self._pick("class_tokens", levels, None),
-            ext if ext.startswith(".") else "." + ext, opts)
+            ext if ext.startswith(".") else "." + ext, opts, masks)
 
     def _path(self, value: str | None, where: str, key: str, folder: bool) -> Path | None:
         if value is None:
@@ -291,7 +297,10 @@ class _Reader:
             **{k: self._pick(k, levels, getattr(self.d, k)) for k in (
                 "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
                 "bucket_no_upscale")},
-            prior_loss_weight=self.d.prior_loss_weight)
+            prior_loss_weight=self.d.prior_loss_weight,
+            network_multiplier=self._pick("network_multiplier", levels, 1.0),
+            validation_split=self._pick("validation_split", levels, None),
+            validation_seed=self._pick("validation_seed", levels, None))
         errors = dataset_option_errors(o)
         self.problems += [f"{self.path}: {where}: {e}" for e in errors]
         return None if errors else o
@@ -302,6 +311,8 @@ def dataset_option_errors(o: DataOptions) -> list[str]:
     step = o.bucket_reso_steps if o.enable_bucket else 8
     errors = [f"resolution {o.resolution[0]}x{o.resolution[1]}: {side} is not a positive "
               f"multiple of {step}" for side in o.resolution if side <= 0 or side % step][:1]
+    if o.validation_split is not None and not 0 <= o.validation_split < 1:
+        errors.append(f"validation_split = {o.validation_split}: a fraction in [0, 1)")
     if o.enable_bucket and not errors:
         lo = o.min_bucket_reso or B.default_min_bucket_reso(o.resolution, step)
         hi = o.max_bucket_reso or B.default_max_bucket_reso(o.resolution, step)

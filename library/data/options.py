@@ -58,9 +58,15 @@ class DataOptions:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     prior_loss_weight: float = 1.0
+    # kohya dataset-config keys of a [[datasets]] entry (None: the main config's value)
+    network_multiplier: float = 1.0        # LoRA multiplier of this dataset's batches
+    validation_split: float | None = None  # fraction of its training images held out
+    validation_seed: int | None = None     # seed of that draw
 
     @classmethod
     def from_config(cls, d, resolution: tuple[int, int]) -> "DataOptions":
-        names = [f.name for f in fields(cls) if f.name not in ("resolution", "batch_size")]
+        names = [f.name for f in fields(cls) if f.name not in (
+            "resolution", "batch_size", "network_multiplier", "validation_split",
+            "validation_seed")]
         return cls(resolution=tuple(resolution), batch_size=d.train_batch_size,
                    **{n: getattr(d, n) for n in names})

@@ -35,6 +35,7 @@ class Item:
     caption_found: bool     # False when the folder's class tokens stand in
     opts: SubsetOptions = SubsetOptions()
     source: str = ""        # the folder / metadata file the item came from (report key)
+    mask: Path | None = None  # masked_loss: the mask image (library/data/masks.py)
 
 
 @dataclass

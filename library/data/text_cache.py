@@ -12,7 +12,7 @@ A disk entry is content-addressed like a latent entry (library/data/cache.py), s
 input can never be served stale outputs:
 
     sha256(format version, caption text, family name, clip_skip, max_token_length,
-           text-encoder identity, dtype of the outputs)
+           text-encoder identity, dtype of the outputs[, "weighted" with weighted_captions])
 
 The text-encoder identity (``text_encoder_identity``) hashes each encoder's
 ``module_identity`` (its config without bookkeeping entries, and the shape and a strided
@@ -62,9 +62,11 @@ def text_encoder_identity(components) -> str:
 
 
 def text_key(caption: str, family: str, clip_skip: int, max_token_length: int, te_id: str,
-             dtype: torch.dtype) -> str:
+             dtype: torch.dtype, weighted: bool = False) -> str:
     parts = [TE_CACHE_VERSION, caption, family, int(clip_skip), int(max_token_length), te_id,
              str(dtype)]
+    if weighted:  # weighted_captions parse the same text differently (unweighted keys stay)
+        parts.append("weighted")
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -146,7 +148,8 @@ def cache_text_encoder_outputs(conditioning, captions: list[str], *, to_disk: bo
         key = path = None
         if to_disk:
             key = text_key(text, conditioning.family.name, conditioning.clip_skip,
-                           conditioning.max_token_length, te_id, dtype)
+                           conditioning.max_token_length, te_id, dtype,
+                           getattr(conditioning, "weighted", False))
             path = Path(folder) / f"te_{key}.npz"
             entry = read_entry(path, key)
             tensors = {k: v for k, v in (entry or {}).items() if k != "key"}

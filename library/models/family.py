@@ -35,10 +35,18 @@ class ModelFamily(Protocol):
     pipeline_class: str            # diffusers pipeline class name
 
     def encode_prompts(self, c: Components, captions: list[str], clip_skip: int = 1,
-                       max_token_length: int = 75) -> dict[str, torch.Tensor]:
+                       max_token_length: int = 75, weighted: bool = False
+                       ) -> dict[str, torch.Tensor]:
         """Text conditioning for a batch of captions: `encoder_hidden_states` and, for SDXL,
         `pooled`. Every tensor has the batch as its first dim. `max_token_length` 150/225
-        encodes 75-token chunks (library/models/text_encoding.py)."""
+        encodes 75-token chunks (library/models/text_encoding.py); `weighted` parses the
+        `(word:1.2)` syntax (library/models/prompt_weights.py)."""
+
+    def pipeline_inputs(self, positive: dict, negative: dict, negative_is_empty: bool
+                        ) -> dict[str, torch.Tensor]:
+        """`encode_prompts` outputs of one prompt and its negative prompt as the keyword
+        arguments (`prompt_embeds`, ...) of the family's pipeline, so samples are conditioned
+        exactly as training is."""
 
     def unet_inputs(self, conditioning: dict[str, torch.Tensor], batch: dict
                     ) -> dict[str, Any]:

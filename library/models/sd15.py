@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from library.models.family import Components, final_layer_norm
-from library.models.text_encoding import merge_chunks, tokenize_chunks
+from library.models.text_encoding import chunk_ids, merge_chunks, weigh
 from networks import formats
 
 
@@ -15,9 +15,9 @@ class SD15:
     pipeline_class = "StableDiffusionPipeline"
 
     def encode_prompts(self, c: Components, captions: list[str], clip_skip: int = 1,
-                       max_token_length: int = 75):
+                       max_token_length: int = 75, weighted: bool = False):
         te = c.text_encoders[0]
-        chunks = tokenize_chunks(c.tokenizers[0], captions, max_token_length)
+        chunks, weights = chunk_ids(c.tokenizers[0], captions, max_token_length, weighted)
         n = chunks.shape[1]
         ids = chunks.reshape(-1, chunks.shape[-1]).to(te.device)
         if clip_skip <= 1:
@@ -26,7 +26,12 @@ class SD15:
             # kohya clip_skip=k: the k-th hidden state from the end, through the final norm.
             out = te(ids, output_hidden_states=True)
             hidden = final_layer_norm(te)(out.hidden_states[-clip_skip])
-        return {"encoder_hidden_states": merge_chunks(hidden, n)}
+        return {"encoder_hidden_states": weigh(merge_chunks(hidden, n), weights)}
+
+    def pipeline_inputs(self, positive: dict, negative: dict, negative_is_empty: bool) -> dict:
+        """Encoded prompt and negative prompt as the pipeline's embedding arguments."""
+        return {"prompt_embeds": positive["encoder_hidden_states"],
+                "negative_prompt_embeds": negative["encoder_hidden_states"]}
 
     def unet_inputs(self, conditioning, batch):
         return {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from library.models.family import Components
-from library.models.text_encoding import first_chunk, merge_chunks, tokenize_chunks
+from library.models.text_encoding import chunk_ids, first_chunk, merge_chunks, weigh
 from networks import formats
 
 
@@ -18,20 +18,31 @@ class SDXL:
     pipeline_class = "StableDiffusionXLPipeline"
 
     def encode_prompts(self, c: Components, captions: list[str], clip_skip: int = 1,
-                       max_token_length: int = 75):
+                       max_token_length: int = 75, weighted: bool = False):
         # SDXL was trained on the penultimate layer; clip_skip=k moves k-1 layers further.
         layer = -(max(clip_skip, 1) + 1)
         hidden = []
         pooled = None
         for te, tok in zip(c.text_encoders, c.tokenizers):
-            chunks = tokenize_chunks(tok, captions, max_token_length)
+            chunks, weights = chunk_ids(tok, captions, max_token_length, weighted)
             n = chunks.shape[1]
             out = te(chunks.reshape(-1, chunks.shape[-1]).to(te.device),
                      output_hidden_states=True)
-            hidden.append(merge_chunks(out.hidden_states[layer], n))
+            hidden.append(weigh(merge_chunks(out.hidden_states[layer], n), weights))
             if hasattr(out, "text_embeds"):
                 pooled = first_chunk(out.text_embeds, n)  # kohya: the first chunk's pooling
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "pooled": pooled}
+
+    def pipeline_inputs(self, positive: dict, negative: dict, negative_is_empty: bool) -> dict:
+        """Encoded prompt and negative prompt as the pipeline's embedding arguments. An empty
+        negative prompt is all zeros (hidden states and pooled), as the SDXL pipeline does
+        with `force_zeros_for_empty_prompt` (the released SDXL base config)."""
+        if negative_is_empty:
+            negative = {k: torch.zeros_like(v) for k, v in positive.items()}
+        return {"prompt_embeds": positive["encoder_hidden_states"],
+                "pooled_prompt_embeds": positive["pooled"],
+                "negative_prompt_embeds": negative["encoder_hidden_states"],
+                "negative_pooled_prompt_embeds": negative["pooled"]}
 
     def unet_inputs(self, conditioning, batch):
         pooled = conditioning["pooled"]

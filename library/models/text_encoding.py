@@ -27,8 +27,31 @@ def tokenize_chunks(tokenizer, captions: list[str], max_token_length: int = 75
     window = tokenizer.model_max_length - 2
     ids = tokenizer(captions, padding="max_length", max_length=window * n + 2,
                     truncation=True, return_tensors="pt").input_ids
+    return split_chunks(tokenizer, ids, n)
+
+
+def tokenize_weighted_chunks(tokenizer, captions: list[str], max_token_length: int = 75
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weighted_captions`: (token ids, weights), each [batch, chunks, 77]; the attention
+    brackets are parsed out of the text (library/models/prompt_weights.py). The weights of a
+    chunk's frame (BOS, last) are 1."""
+    from library.models.prompt_weights import weighted_ids
+    n = chunk_count(max_token_length)
+    window = tokenizer.model_max_length - 2
+    ids, weights = weighted_ids(tokenizer, captions, window * n + 2)
+    if n == 1:
+        return ids[:, None], weights[:, None]
+    ones = torch.ones_like(weights[:, :1])
+    chunks = [torch.cat([ones, weights[:, 1 + k * window: 1 + (k + 1) * window], ones], dim=1)
+              for k in range(n)]
+    return split_chunks(tokenizer, ids, n), torch.stack(chunks, dim=1)
+
+
+def split_chunks(tokenizer, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[batch, n * 75 + 2] framed ids -> [batch, n, 77] (see the module docstring)."""
     if n == 1:
         return ids[:, None]
+    window = tokenizer.model_max_length - 2
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     bos, last = ids[:, :1], ids[:, -1:]
     chunks = []
@@ -43,6 +66,25 @@ def tokenize_chunks(tokenizer, captions: list[str], max_token_length: int = 75
             chunk[chunk[:, 1] == pad, 1] = eos
         chunks.append(chunk)
     return torch.stack(chunks, dim=1)
+
+
+def chunk_ids(tokenizer, captions: list[str], max_token_length: int, weighted: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids [batch, chunks, 77], weights of the same shape or None without weighting)."""
+    if weighted:
+        return tokenize_weighted_chunks(tokenizer, captions, max_token_length)
+    return tokenize_chunks(tokenizer, captions, max_token_length), None
+
+
+def weigh(merged: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Merged hidden states [batch, L, D] times the chunk weights [batch, n, 77] merged the
+    same way (no-op without weights)."""
+    if weights is None:
+        return merged
+    from library.models.prompt_weights import apply_weights
+    n = weights.shape[1]
+    flat = weights.reshape(-1, weights.shape[-1], 1)
+    return apply_weights(merged, merge_chunks(flat, n)[..., 0])
 
 
 def merge_chunks(hidden: torch.Tensor, n: int) -> torch.Tensor:

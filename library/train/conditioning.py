@@ -13,9 +13,10 @@ import torch
 
 class TextConditioner:
     def __init__(self, components, family, clip_skip: int, train_text_encoder: bool,
-                 keep_cache: bool, max_token_length: int = 75):
+                 keep_cache: bool, max_token_length: int = 75, weighted: bool = False):
         self.c, self.family, self.clip_skip = components, family, clip_skip
         self.max_token_length = max_token_length
+        self.weighted = weighted  # weighted_captions: a caption's outputs stay per caption
         self.train_te = train_text_encoder
         self.keep = keep_cache
         self.cache: dict[str, dict[str, torch.Tensor]] = {}
@@ -23,11 +24,11 @@ class TextConditioner:
     def __call__(self, captions: list[str]) -> dict:
         if self.train_te and torch.is_grad_enabled():
             return self.family.encode_prompts(self.c, captions, self.clip_skip,
-                                              self.max_token_length)
+                                              self.max_token_length, self.weighted)
         if self.train_te:  # validation / no-grad use with a trained encoder: never cache
             with torch.no_grad():
                 return self.family.encode_prompts(self.c, captions, self.clip_skip,
-                                                  self.max_token_length)
+                                                  self.max_token_length, self.weighted)
         missing = [t for t in dict.fromkeys(captions) if t not in self.cache]
         if missing:
             self.cache.update(zip(missing, self.encode(missing)))
@@ -42,7 +43,7 @@ class TextConditioner:
         """The frozen text encoders' outputs of each caption ({name: tensor without the batch
         dim}; None entries, e.g. SD1.5's pooled, left out), bypassing the cache."""
         enc = self.family.encode_prompts(self.c, captions, self.clip_skip,
-                                         self.max_token_length)
+                                         self.max_token_length, self.weighted)
         return [{k: v[i] for k, v in enc.items() if v is not None}
                 for i in range(len(captions))]
 

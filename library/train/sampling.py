@@ -56,6 +56,13 @@ def validation_prompts(cfg, native_resolution: int, seed: int) -> list[PromptSpe
 
 
 # ---- rendering (shared with tools/generate.py) ---------------------------------------------
+def encoding_options(cfg) -> dict:
+    """How the run encodes captions, for prompts: the same clip_skip, chunking and
+    weighting as training."""
+    return dict(clip_skip=cfg.model.clip_skip, max_token_length=cfg.model.max_token_length,
+                weighted=cfg.dataset.weighted_captions)
+
+
 def make_pipeline(c):
     """A diffusers pipeline over loaded components and the base scheduler config for
     `samplers.make_scheduler`. The pipeline gets its own scheduler copy: pipeline constructors
@@ -71,18 +78,32 @@ def make_pipeline(c):
 
 
 @torch.no_grad()
-def render(pipe, base_config: dict, spec: PromptSpec, seeds: list[int], *,
-           clip_skip: int = 1) -> np.ndarray:
-    """Images of one prompt, one per seed: float32 [B, H, W, 3] in [0, 1]. Noise comes from a
+def prompt_embeds(c, spec: PromptSpec, *, clip_skip: int = 1, max_token_length: int = 75,
+                  weighted: bool = False) -> dict:
+    """The pipeline's embedding arguments for one prompt and its negative prompt, encoded by
+    the family's own `encode_prompts` exactly as training encodes captions (clip_skip,
+    max_token_length chunks, weighted captions). The pipelines' own prompt encoding is never
+    used: it does not know kohya's clip_skip, chunking or weighting."""
+    def encode(text: str) -> dict:
+        return c.family.encode_prompts(c, [text], clip_skip, max_token_length, weighted)
+    negative = spec.negative_prompt or ""
+    return c.family.pipeline_inputs(encode(spec.prompt), encode(negative), not negative)
+
+
+@torch.no_grad()
+def render(pipe, base_config: dict, spec: PromptSpec, seeds: list[int], c, *,
+           clip_skip: int = 1, max_token_length: int = 75, weighted: bool = False
+           ) -> np.ndarray:
+    """Images of one prompt, one per seed: float32 [B, H, W, 3] in [0, 1]. `c` are the
+    components `pipe` was made from (their family encodes the prompts). Noise comes from a
     CPU generator per image, so a seed gives the same image on every device and batch size."""
     pipe.scheduler = samplers.make_scheduler(spec.sampler, base_config)
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    kwargs = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
-                  num_inference_steps=spec.steps, guidance_scale=spec.scale,
+    kwargs = dict(num_inference_steps=spec.steps, guidance_scale=spec.scale,
                   width=spec.width, height=spec.height, num_images_per_prompt=len(gens),
-                  generator=gens if len(gens) > 1 else gens[0], output_type="latent")
-    if clip_skip > 1:  # kohya's clip_skip 2 is diffusers' clip_skip 1
-        kwargs["clip_skip"] = clip_skip - 1
+                  generator=gens if len(gens) > 1 else gens[0], output_type="latent",
+                  **prompt_embeds(c, spec, clip_skip=clip_skip,
+                                  max_token_length=max_token_length, weighted=weighted))
     latents = pipe(**kwargs).images
     # Decode here, in the VAE's own dtype: the UNet may run in fp16/bf16 while the VAE is
     # kept in fp32 (no_half_vae, SDXL), which the pipelines do not all handle.
@@ -238,8 +259,8 @@ class Sampler:
                 self._pipe = make_pipeline(c)
             pipe, base_config = self._pipe
             for index, spec in todo:
-                arr = to_uint8(render(pipe, base_config, spec, [spec.seed],
-                                      clip_skip=self.cfg.model.clip_skip)[0])
+                arr = to_uint8(render(pipe, base_config, spec, [spec.seed], c,
+                                      **encoding_options(self.cfg))[0])
                 name = self.cfg.saving.output_name
                 path = self.dir / f"{name}_s{step:06d}_e{epoch:03d}_{index:02d}.png"
                 text = a1111_parameters(spec, Path(c.model_path).name,

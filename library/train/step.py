@@ -105,6 +105,13 @@ def batch_to_device(batch: dict, device, pin_memory: bool = False) -> dict:
     return out
 
 
+def set_batch_multiplier(network, batch: dict) -> None:
+    """The LoRA multiplier of this batch's dataset (kohya's per-dataset `network_multiplier`;
+    1.0 otherwise): 0 trains the batch on the base model alone, so the LoRA gets no
+    gradient from it."""
+    network.set_multiplier(float(batch.get("network_multiplier", 1.0)))
+
+
 def diffusion_loss(unet, family, scheduler, latents: torch.Tensor, cond: dict, batch: dict,
                    s: LossSettings, *, weight_dtype: torch.dtype = torch.float32,
                    autocast=contextlib.nullcontext) -> torch.Tensor:

@@ -32,12 +32,27 @@ def split_items(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return keep, val
 
 
+def hold_out_for(training, seed: int):
+    """The `build_group` hold-out of a run: per dataset, its dataset-TOML `validation_split`
+    / `validation_seed` when set, else the [training] ones; the draw's seed is
+    `validation_seed`, else the training seed (sd-scripts' rule)."""
+    def hold_out(items: list, options) -> tuple[list, list]:
+        split = options.validation_split
+        vseed = options.validation_seed if options.validation_seed is not None \
+            else training.validation_seed
+        return split_items(items, training.validation_split if split is None else split,
+                           seed if vseed is None else vseed)
+    return hold_out
+
+
 @torch.no_grad()
 @run_eagerly  # compiled blocks (compile = true) run eagerly here
 def validation_loss(val_set, *, unet, family, scheduler, encode_mean, conditioning, network,
                     seed: int, device, weight_dtype, autocast, v_prediction: bool) -> float:
     was_training = network.training
+    multipliers = [(m, m.multiplier) for m in network]
     network.eval()
+    network.set_multiplier(1.0)  # the LoRA as saved, whatever the last batch's dataset
     losses = []
     try:
         for idx in range(len(val_set.items)):
@@ -57,4 +72,6 @@ def validation_loss(val_set, *, unet, family, scheduler, encode_mean, conditioni
                 losses.append(N.per_sample_loss(pred, target).mean())
     finally:
         network.train(was_training)
+        for m, multiplier in multipliers:
+            m.multiplier = multiplier
     return float(torch.stack(losses).mean()) if losses else float("nan")
