@@ -174,7 +174,7 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
     except ValueError as e:
         return fail("Configuration error", [str(e)])
     problems = output_problems(cfg) + rank_problems(cfg, model_dir, family, net_args) + \
-        [p for p in [lora_file_problem(cfg.lora.network_weights)] if p]
+        [p for p in [lora_file_problem(cfg.lora.network_weights, family.te_prefixes)] if p]
     if problems:  # found here, not after the model load and the caches
         return fail("Configuration error", problems)
     if cfg.training.dry_run:

@@ -12,8 +12,9 @@ raises `Interrupted` straight away: nothing has been trained yet.
 into one line and exit code 130 (SIGINT) or 143 (SIGTERM) instead of a traceback.
 
 Test hook: with `TOMLORA_TEST_STEP_FILE` set, `after_step` writes the step number to that
-file and waits (up to 60 s) for a signal, so a test can signal a subprocess right after a
-known step without sleeping on a guess.
+file after step `TOMLORA_TEST_STEP` (default: the first step it sees) and waits (up to
+60 s) for a signal, so a test can signal a subprocess right after a known step without
+sleeping on a guess.
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ class GracefulStop:
     def after_step(self, step: int) -> bool:
         """True when the loop should stop (a signal came)."""
         flag = os.environ.get("TOMLORA_TEST_STEP_FILE")
-        if flag and not self.requested:
+        at = int(os.environ.get("TOMLORA_TEST_STEP", step))
+        if flag and step == at and not self.requested:
             Path(flag).write_text(str(step))
             deadline = time.time() + 60
             while not self.requested and time.time() < deadline:

@@ -41,8 +41,9 @@ def output_problems(cfg) -> list[str]:
     return [p for p in out if p]
 
 
-def lora_file_problem(path: str | None) -> str | None:
-    """A network_weights file that safetensors cannot open, or that holds no LoRA keys:
+def lora_file_problem(path: str | None, te_prefixes: tuple[str, ...] = ()) -> str | None:
+    """A network_weights file that safetensors cannot open, that holds no LoRA keys, or
+    whose text-encoder keys belong to another model family (`te_prefixes`: this family's):
     found from its header alone (cheap), before the model loads."""
     if not path:
         return None
@@ -58,6 +59,12 @@ def lora_file_problem(path: str | None) -> str | None:
         detect_layout(dict.fromkeys(keys))
     except ValueError as e:
         return f"network_weights: {path}: {e}"
+    other = sorted({k.split("_", 2)[0] + "_" + k.split("_", 2)[1] for k in keys
+                    if k.startswith("lora_te")} - set(te_prefixes)) if te_prefixes else []
+    if other:
+        return (f"network_weights: {path} has text-encoder keys {other[0]}_... of another "
+                f"model family (this model's are {', '.join(te_prefixes)}_...); use a LoRA "
+                "made for this base model")
     return None
 
 
