@@ -120,7 +120,10 @@ def save_state(folder: Path, *, network, optimizer, lr_scheduler, scaler, positi
         for name, data in files.items():  # manifest.json last: its presence marks completion
             atomic_write_bytes(tmp / name, data)
         _swap_in(tmp, folder)
-    except BaseException:  # a full disk or a second Ctrl-C: leave no half-written folder
+    except OSError as e:  # a full disk: leave no half-written folder; name the state
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, e.strerror, str(folder)) from None
+    except BaseException:  # a second Ctrl-C: the same
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder

@@ -91,8 +91,9 @@ def tensors_equal(a: Path, b: Path) -> bool:
     """Bitwise equality of the tensors of two .safetensors files (metadata holds dates)."""
     ta, tb = load_file(str(a)), load_file(str(b))
     return ta.keys() == tb.keys() and all(
-        ta[k].dtype == tb[k].dtype and torch.equal(ta[k].view(torch.uint8),
-                                                   tb[k].view(torch.uint8)) for k in ta)
+        ta[k].dtype == tb[k].dtype and torch.equal(ta[k].reshape(-1).view(torch.uint8),
+                                                   tb[k].reshape(-1).view(torch.uint8))
+        for k in ta)
 
 
 def leftovers(out: Path) -> list[str]:
