@@ -439,11 +439,11 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
                 if cfg.training.validate_every_n_epochs and \
                         epoch % cfg.training.validate_every_n_epochs == 0:
                     validate(global_step)
-        if stop.requested:  # saved under the step's name, then one line saying where
-            print(stop.summary(global_step, checkpoints.interrupted(
-                global_step, here.epoch + (here.batches_done > 0), here)), file=sys.stderr)
-            return stop.exit_code
-        checkpoints.final(global_step, max(epoch, 1), here)
+        if stop.requested:  # Ctrl-C / SIGTERM: saved under the step's name
+            saved = checkpoints.interrupted(global_step, here.epoch + (here.batches_done > 0),
+                                            here)
+        else:
+            checkpoints.final(global_step, max(epoch, 1), here)
     except (FloatingPointError, RuntimeError) as e:
         log.error(f"training failed: {e}")
         return 1
@@ -456,6 +456,9 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
         stop.restore()
         progress.close()
         tracker.close()
+    if stop.requested:  # one line saying where the saves are
+        print(stop.summary(global_step, saved), file=sys.stderr)
+        return stop.exit_code
     accelerator.wait_for_everyone()
     print(f"\ndone: {global_step} steps in {time.time() - started:.0f} s\n"
           f"  LoRA:        {paths['final']}\n  config:      {paths['config']}\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 
-import pytest
 from safetensors.torch import load_file
 
 from library.train.state import read_position
@@ -66,13 +65,3 @@ def test_a_second_ctrl_c_inside_a_state_save_stops_at_once_and_tears_nothing(
     assert not (out / ".tomlora.lock").exists()
     assert tensors_equal(out / "t-step00000001.safetensors",
                          baseline / "t-step00000001.safetensors")
-
-
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130)])
-def test_ctrl_c_before_training_is_one_line(sig, code, tmp_path, tiny_args):
-    # save point 1 is the resolved config, written before the loop starts
-    out = tmp_path / "out"
-    rc, err = run_cli(tiny_args(out, 3), TOMLORA_FAULT="sigint@1")
-    assert rc == code and "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith("SIGINT: stopped at once")
-    assert not (out / ".tomlora.lock").exists()
