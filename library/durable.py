@@ -83,7 +83,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        if e.errno is None or e.filename == str(path):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None  # name the file, not the tmp
     finally:
         if tmp.exists():
             tmp.unlink()
