@@ -25,7 +25,6 @@ import torch
 
 from library.config import ConfigError, load_config
 from library.config.output import config_to_dict, config_to_toml, write_config_toml
-from library.durable import remove_leftovers
 from library.data.auto_cache import cache_latents_for_run, cache_text_for_run
 from library.data.cache import cache_latents
 from library.data.doctor import describe_plan
@@ -47,8 +46,8 @@ from library.train.schedulers import scheduler_from_config
 from library.train.speed import configure_speed, step_begin, training_unet
 from library.train.step import LossSettings, batch_to_device, diffusion_loss
 from library.train.interrupt import GracefulStop, run_main
-from library.train.preflight import lora_file_problem, output_problems, rank_problems
-from library.train.run_lock import LockError, RunLock
+from library.train.preflight import preflight_problems
+from library.train.run_lock import LockError, claim_output_dir
 from library.train.state import Position, StateError, load_state, read_position, \
     resolve_resume, resume_warning, save_state, start_position
 from library.train.tracking import LossAverage, Tracker, lr_scalars, run_dir, step_scalars
@@ -173,21 +172,17 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
         start = start_position(cfg.training, seed, steps_per_epoch, accum, total_steps)
     except ValueError as e:
         return fail("Configuration error", [str(e)])
-    problems = output_problems(cfg) + rank_problems(cfg, model_dir, family, net_args) + \
-        [p for p in [lora_file_problem(cfg.lora.network_weights, family.te_prefixes)] if p]
+    problems = preflight_problems(cfg, model_dir, family, net_args)  # outputs, ranks, files
     if problems:  # found here, not after the model load and the caches
         return fail("Configuration error", problems)
     if cfg.training.dry_run:
         return 0
     paths = output_paths(cfg)
-    try:  # one run per output_dir; also proves the folder can be written
-        lock = cleanup.enter_context(RunLock(paths["dir"]))
+    try:  # one run per output_dir (a lock); also proves the folder can be written
+        for note in claim_output_dir(paths["dir"], cleanup):
+            log.warning(note)  # a stale lock taken over, temporary files removed
     except LockError as e:
         return fail("Output error", [str(e)])
-    for note in [lock.note] + [f"{paths['dir']}: removed {name}, left by an interrupted run"
-                               for name in remove_leftovers(paths["dir"])]:
-        if note:
-            log.warning(note)
     if paths["final"].exists() and not cfg.saving.overwrite:
         return fail("Output error", [f"{paths['final']} exists; set overwrite = true or "
                                      "choose another output_name / output_dir"])

@@ -15,6 +15,12 @@ import os
 from pathlib import Path
 
 
+def preflight_problems(cfg, model_dir: Path, family, net_args) -> list[str]:
+    """Every problem of this module for the run, one line each."""
+    return output_problems(cfg) + rank_problems(cfg, model_dir, family, net_args) + \
+        [p for p in [lora_file_problem(cfg.lora.network_weights, family.te_prefixes)] if p]
+
+
 def _writable_problem(key: str, value: str | None) -> str | None:
     """Can `value` be created (or written, if it exists) as a folder? Nothing is created."""
     if not value:

@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from library.durable import tmp_path
+from library.durable import remove_leftovers, tmp_path
 
 LOCK_NAME = ".tomlora.lock"
 
@@ -118,3 +118,12 @@ class RunLock:
                 self.dir.rmdir()
             except OSError:
                 pass
+
+
+def claim_output_dir(out_dir: Path, cleanup) -> list[str]:
+    """Lock `out_dir` until `cleanup` (an ExitStack) closes, then remove the temporary files
+    an interrupted run left there. Returns the notes to log; LockError if it is in use."""
+    lock = cleanup.enter_context(RunLock(out_dir))
+    return [n for n in [lock.note] if n] + [
+        f"{out_dir}: removed {name}, left by an interrupted run"
+        for name in remove_leftovers(out_dir)]
