@@ -434,10 +434,11 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
                 if cfg.training.validate_every_n_epochs and \
                         epoch % cfg.training.validate_every_n_epochs == 0:
                     validate(global_step)
-        if stop.requested:  # Ctrl-C / SIGTERM: saved under the step's name
-            saved = checkpoints.interrupted(global_step, here.epoch + (here.batches_done > 0),
-                                            here)
-        else:
+        # Ctrl-C / SIGTERM: saved under the step's name (a signal during the final save
+        # lets it finish)
+        saved = checkpoints.interrupted(global_step, here.epoch + (here.batches_done > 0),
+                                        here) if stop.requested else None
+        if saved is None:
             checkpoints.final(global_step, max(epoch, 1), here)
     except (FloatingPointError, RuntimeError) as e:
         log.error(f"training failed: {e}")
@@ -451,7 +452,7 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
         stop.restore()
         progress.close()
         tracker.close()
-    if stop.requested:  # one line saying where the saves are
+    if saved is not None:  # one line saying where the saves are
         print(stop.summary(global_step, saved), file=sys.stderr)
         return stop.exit_code
     accelerator.wait_for_everyone()

@@ -20,6 +20,7 @@ against the manifest first, so a torn or altered folder is refused with what to 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import random
@@ -213,11 +214,12 @@ def read_position(folder: Path) -> tuple[Position, str]:
     return _position(data, folder)
 
 
-def latest_state(out_dir: Path) -> tuple[Path | None, list[str]]:
-    """The complete state folder in `out_dir` with the most steps (resume = "latest"), and
-    a note per incomplete or damaged one skipped."""
+def latest_state(out_dir: Path, name: str) -> tuple[Path | None, list[str]]:
+    """The complete state folder of output_name `name` in `out_dir` with the most steps
+    (resume = "latest"), and a note per incomplete or damaged one skipped."""
     best, notes = None, []
-    for p in sorted(Path(out_dir).glob("*-state")) if Path(out_dir).is_dir() else []:
+    for p in sorted(Path(out_dir).glob(f"{glob.escape(name)}-*state")) \
+            if Path(out_dir).is_dir() else []:
         if not p.is_dir():
             continue
         try:
@@ -236,10 +238,11 @@ def resolve_resume(cfg):
     from dataclasses import replace
     if cfg.saving.resume != "latest":
         return cfg, []
-    found, notes = latest_state(Path(cfg.saving.output_dir))
+    found, notes = latest_state(Path(cfg.saving.output_dir), cfg.saving.output_name)
     if found is None:
-        notes.append(f"resume = \"latest\": no complete state folder in "
-                     f"{cfg.saving.output_dir}; starting a new run")
+        notes.append(f"resume = \"latest\": no complete state folder of "
+                     f"{cfg.saving.output_name!r} in {cfg.saving.output_dir}; starting a new "
+                     "run")
     else:
         notes.append(f"resume = \"latest\": {found}")
     return replace(cfg, saving=replace(cfg.saving, resume=str(found) if found else None)), notes

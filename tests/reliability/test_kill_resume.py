@@ -4,8 +4,9 @@ resumed run ends with LoRAs bitwise equal to the uninterrupted baseline.
 
 By default two save points that leave temporary files behind are tried (the step-2 LoRA
 before its rename, the middle of the step-2 state). TOMLORA_RELIABILITY_FULL=1 tries every
-save point; TOMLORA_RELIABILITY_RANDOM=N adds N random save points and N kills at a random
-step boundary (a subprocess paused by the TOMLORA_TEST_STEP_FILE hook)."""
+save point (a list such as TOMLORA_RELIABILITY_FULL=2,8,22 tries those);
+TOMLORA_RELIABILITY_RANDOM=N adds N random save points and N kills at a random step boundary
+(a subprocess paused by the TOMLORA_TEST_STEP_FILE hook)."""
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,9 @@ from library.train.state import read_position
 from tests.reliability.conftest import SAVE_EVERY_STEP, TOTAL_SAVE_POINTS, leftovers, \
     popen, run_cli, run_inproc, tensors_equal, wait_for
 
-POINTS = list(range(1, TOTAL_SAVE_POINTS + 1)) if os.environ.get("TOMLORA_RELIABILITY_FULL") \
-    else [9, 12]
+FULL = os.environ.get("TOMLORA_RELIABILITY_FULL", "")
+POINTS = [int(n) for n in FULL.split(",")] if FULL not in ("", "1") else \
+    list(range(1, TOTAL_SAVE_POINTS + 1)) if FULL == "1" else [9, 12]
 RANDOM = int(os.environ.get("TOMLORA_RELIABILITY_RANDOM", "0"))
 _rng = random.Random(os.environ.get("TOMLORA_RELIABILITY_SEED", str(time.time_ns())))
 POINTS += sorted(_rng.sample(range(1, TOTAL_SAVE_POINTS + 1), min(RANDOM, TOTAL_SAVE_POINTS)))
@@ -39,7 +41,9 @@ def check_intact(out) -> None:
 
 def resume_and_compare(out, tiny_args, baseline, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="tomlora"):
-        assert run_inproc(tiny_args(out, 3, *SAVE_EVERY_STEP, "--resume", "latest")) == 0
+        # overwrite: a kill after the final LoRA was written (save points 16-22) leaves it
+        assert run_inproc(tiny_args(out, 3, *SAVE_EVERY_STEP, "--resume", "latest",
+                                    "--overwrite")) == 0
     assert "took over a stale lock" in caplog.text  # the killed run's lock
     assert leftovers(out) == []
     assert tensors_equal(out / "t.safetensors", baseline / "t.safetensors")

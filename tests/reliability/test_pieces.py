@@ -16,8 +16,8 @@ from torch import nn
 
 from library import durable
 from library.train.run_lock import LOCK_NAME, LockError, RunLock
-from library.train.state import Position, StateError, load_state, read_extra_tensors, \
-    save_state
+from library.train.state import Position, StateError, latest_state, load_state, \
+    read_extra_tensors, save_state
 from library.train.state_codec import decode, encode
 from networks.lora import LoRANetwork, Target
 
@@ -141,3 +141,18 @@ def test_lock_refuses_a_live_run_and_takes_over_a_stale_one(tmp_path):
     fresh = RunLock(tmp_path / "new").acquire()
     fresh.release()
     assert not (tmp_path / "new").exists()  # a run that wrote nothing leaves no folder
+
+
+def test_resume_latest_takes_the_newest_complete_state(tmp_path):
+    net, opt, sched = _run_objects()
+    for step in (1, 2, 3):
+        save_state(tmp_path / f"t-step{step:08d}-state", network=net, optimizer=opt,
+                   lr_scheduler=sched, scaler=None, position=Position(step, 0, step, 7),
+                   fingerprint="f")
+    save_state(tmp_path / "other-step00000009-state", network=net, optimizer=opt,
+               lr_scheduler=sched, scaler=None, position=Position(9, 0, 0, 7), fingerprint="f")
+    (tmp_path / "t-step00000003-state" / "training.json").write_text("{}")  # damaged
+    found, notes = latest_state(tmp_path, "t")
+    assert found == tmp_path / "t-step00000002-state"
+    assert len(notes) == 1 and notes[0].startswith("skipped t-step00000003-state: ")
+    assert latest_state(tmp_path / "none", "t") == (None, [])
