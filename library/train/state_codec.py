@@ -24,6 +24,7 @@ _TAGS = ("__tensor__", "__tuple__", "__dict__", "__float__", "__ndarray__", "__n
 
 def encode(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     tensors: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}  # one tensor referenced twice (bitsandbytes' shared qmaps)
 
     def enc(x: Any, where: str) -> Any:
         if x is None or isinstance(x, (bool, str)):
@@ -33,9 +34,11 @@ def encode(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         if isinstance(x, float):
             return x if math.isfinite(x) else {"__float__": repr(x)}
         if isinstance(x, torch.Tensor):
-            key = str(len(tensors))
-            tensors[key] = x.detach().cpu().contiguous()
-            return {"__tensor__": key}
+            if id(x) not in seen:
+                seen[id(x)] = key = str(len(tensors))
+                # a copy: safetensors refuses tensors that share memory (views of one buffer)
+                tensors[key] = x.detach().to("cpu", copy=True).contiguous()
+            return {"__tensor__": seen[id(x)]}
         if isinstance(x, np.ndarray):
             key = str(len(tensors))
             tensors[key] = torch.from_numpy(np.ascontiguousarray(x).reshape(-1).view(np.uint8)

@@ -38,6 +38,10 @@ def test_codec_round_trips_state_dicts_exactly():
                for a, b in zip(back["numpy"], obj["numpy"]))
     assert torch.equal(back["bf16"], obj["bf16"]) and back["dtype"] is torch.float16
     assert back["__odd"] == 1 and math.isinf(back["param_groups"][0]["eps"])
+    shared = torch.arange(6.0)
+    data, tensors = encode({"a": shared, "b": shared, "view": shared[2:4]})
+    back = decode(data, tensors)
+    assert len(tensors) == 2 and back["a"] is back["b"] and back["view"].tolist() == [2, 3]
     with pytest.raises(TypeError, match="object cannot be stored"):
         encode({"x": object()})
 
