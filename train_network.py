@@ -5,7 +5,8 @@
 
 Reads top to bottom: config -> data (checked before any model loads) -> models -> LoRA ->
 optimizer -> the loop -> save. Exit codes: 0 done, 2 bad config or data (nothing written),
-1 failure during training (files already saved stay intact).
+1 failure during training (files already saved stay intact), 130 / 143 after Ctrl-C / SIGTERM
+(the LoRA and state saved at the step where it stopped).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import random
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from library.data.text_cache import cache_text_encoder_outputs, static_captions,
     text_cache_folder
 from library.models.attention import configure_attention_and_storage
 from library.models.loading import ModelLoadError, check_model, load_components_for
+from library.models.text_encoding import truncation_note
 from library.train.optimizers import make_optimizer
 from library.train.sampling import Sampler, sample_prompts
 from library.train.checkpoints import Checkpointer, existing_saves
@@ -43,8 +46,11 @@ from library.train.schedulers import scheduler_from_config
 from library.train.speed import configure_speed, step_begin, training_unet
 from library.train.step import LossSettings, batch_to_device, diffusion_loss, \
     set_batch_multiplier
+from library.train.interrupt import GracefulStop, run_main
+from library.train.preflight import preflight_problems
+from library.train.run_lock import LockError, claim_output_dir
 from library.train.state import Position, StateError, load_state, read_position, \
-    resume_warning, save_state
+    resolve_resume, resume_warning, save_state, start_position
 from library.train.tracking import LossAverage, Tracker, lr_scalars, run_dir, step_scalars
 from library.train.validation import hold_out_for, validation_loss
 from networks.build import build_network, load_network_weights, skipped_prefixes
@@ -88,6 +94,11 @@ def patch_scaler_for_fp16_weights(scaler) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with ExitStack() as cleanup:  # releases the output_dir lock on every way out
+        return train(argv, cleanup)
+
+
+def train(argv: list[str] | None, cleanup: ExitStack) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     # ---- 1. configuration ---------------------------------------------------------------
     argv = sys.argv[1:] if argv is None else argv
@@ -131,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     traj = trajectory_config(cfg)
     state_fp, state_cfg = fingerprint(traj), json.loads(config_json(traj))
     try:  # a resumed run must see the same data order, hence the same seed
+        cfg, notes = resolve_resume(cfg)  # resume = "latest": the newest complete state
+        for note in notes:
+            log.warning(note)
         if cfg.saving.resume:
             seed = read_position(Path(cfg.saving.resume))[0].seed
             changed = resume_warning(Path(cfg.saving.resume), state_fp, state_cfg)
@@ -159,9 +173,21 @@ def main(argv: list[str] | None = None) -> int:
         prompts = sample_prompts(cfg, family.native_resolution, seed)
     except ValueError as e:
         return fail("Sample prompt error", [str(e)])
+    try:  # initial_step / initial_epoch
+        start = start_position(cfg.training, seed, steps_per_epoch, accum, total_steps)
+    except ValueError as e:
+        return fail("Configuration error", [str(e)])
+    problems = preflight_problems(cfg, model_dir, family, net_args)  # outputs, ranks, files
+    if problems:  # found here, not after the model load and the caches
+        return fail("Configuration error", problems)
     if cfg.training.dry_run:
         return 0
     paths = output_paths(cfg)
+    try:  # one run per output_dir (a lock); also proves the folder can be written
+        for note in claim_output_dir(paths["dir"], cleanup):
+            log.warning(note)  # a stale lock taken over, temporary files removed
+    except LockError as e:
+        return fail("Output error", [str(e)])
     if paths["final"].exists() and not cfg.saving.overwrite:
         return fail("Output error", [f"{paths['final']} exists; set overwrite = true or "
                                      "choose another output_name / output_dir"])
@@ -265,18 +291,28 @@ def main(argv: list[str] | None = None) -> int:
                                    keep_cache=cache_te,
                                    max_token_length=cfg.model.max_token_length,
                                    weighted=d.weighted_captions)
+    note = truncation_note(c.tokenizers[0], [it.caption for it in items],
+                           cfg.model.max_token_length)
+    if note:  # said once per run: CLIP cuts longer captions silently
+        log.warning(note)
     if cache_te:  # every static caption once, before training (library/data/text_cache.py)
         log.info(cache_text_encoder_outputs(
             conditioning, static_captions(dataset, val_set),
             to_disk=d.cache_text_encoder_outputs_to_disk,
             folder=text_cache_folder(d, items), batch_size=d.train_batch_size,
             progress=accelerator.is_main_process).summary())
-    position = Position(0, 0, 0, seed)
+    position = start or Position(0, 0, 0, seed)
     if cfg.saving.resume:
-        position = load_state(Path(cfg.saving.resume), network=network, optimizer=optimizer,
-                              lr_scheduler=lr_scheduler, scaler=accelerator.scaler,
-                              generators={"latents": latents_of.gen})
+        try:
+            resumed = load_state(Path(cfg.saving.resume), network=network, optimizer=optimizer,
+                                 lr_scheduler=lr_scheduler, scaler=accelerator.scaler,
+                                 generators={"latents": latents_of.gen})
+        except StateError as e:
+            return fail("Resume error", [str(e)])
+        position = start or resumed  # initial_step overrides the state's step (kohya)
         log.info(f"resumed from {cfg.saving.resume} at step {position.step}")
+    elif start:
+        log.info(f"starting at step {start.step} (initial_step / initial_epoch)")
 
     # ---- 6. the loop ---------------------------------------------------------------------
     is_main = accelerator.is_main_process
@@ -309,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                    generators={"latents": latents_of.gen}, config=state_cfg)
 
     checkpoints = Checkpointer(cfg.saving, paths["dir"], paths["final"], save_lora_file,
-                               save_training_state, is_main)
+                               save_training_state, is_main,
+                               epochs=math.ceil(total_steps / steps_per_epoch))
 
     def validate(step: int) -> None:
         if val_set is None:
@@ -326,10 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(total=total_steps, initial=global_step, desc="steps", disable=not is_main)
     rank, world = accelerator.process_index, accelerator.num_processes
     started, images_done, micro, here, nan_streak = time.time(), 0, 0, position, 0
+    stop = GracefulStop().install()  # Ctrl-C / SIGTERM: finish the step, save, exit
     try:
         if global_step == 0:
             sampler.maybe_sample(0, 0, first=True)
-        while global_step < total_steps:
+        while global_step < total_steps and not stop.requested:
             batches = dataset.batches(epoch)
             slot = 0
             for b_i, global_batch in enumerate(batches):
@@ -394,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cfg.training.validate_every_n_steps and \
                         global_step % cfg.training.validate_every_n_steps == 0:
                     validate(global_step)
-                if global_step >= total_steps:
+                if global_step >= total_steps or stop.after_step(global_step):
                     break
             if b_i == len(batches) - 1:  # the epoch is complete (also when training ends)
                 epoch += 1
@@ -405,13 +443,27 @@ def main(argv: list[str] | None = None) -> int:
                 if cfg.training.validate_every_n_epochs and \
                         epoch % cfg.training.validate_every_n_epochs == 0:
                     validate(global_step)
-        checkpoints.final(global_step, max(epoch, 1), here)
+        # Ctrl-C / SIGTERM: saved under the step's name (a signal during the final save
+        # lets it finish)
+        saved = checkpoints.interrupted(global_step, here.epoch + (here.batches_done > 0),
+                                        here) if stop.requested else None
+        if saved is None:
+            checkpoints.final(global_step, max(epoch, 1), here)
     except (FloatingPointError, RuntimeError) as e:
         log.error(f"training failed: {e}")
         return 1
+    except OSError as e:  # disk full, a folder removed: what was saved before is intact
+        log.error(f"training failed at step {global_step}: cannot write "
+                  f"{e.filename or 'a file'}: {e.strerror or e}; the files saved before are "
+                  "intact: free space and resume from the last state folder")
+        return 1
     finally:
+        stop.restore()
         progress.close()
         tracker.close()
+    if saved is not None:  # one line saying where the saves are
+        print(stop.summary(global_step, saved), file=sys.stderr)
+        return stop.exit_code
     accelerator.wait_for_everyone()
     print(f"\ndone: {global_step} steps in {time.time() - started:.0f} s\n"
           f"  LoRA:        {paths['final']}\n  config:      {paths['config']}\n"
@@ -420,4 +472,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # Ctrl-C / SIGTERM before training: one line, exit 130 / 143

@@ -8,11 +8,12 @@ A1111's additional-networks extension compares.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, safe_open, save
+
+from library.durable import atomic_write_bytes  # noqa: F401 (re-exported)
 
 
 def model_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -23,22 +24,6 @@ def model_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return model_hash, legacy
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     metadata = {str(k): str(v) for k, v in metadata.items()}
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = model_hashes(tensors, metadata)
@@ -46,6 +31,12 @@ def write_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as fh:
-        metadata = fh.metadata() or {}
-    return load_file(str(path)), metadata
+    """(tensors, metadata); ValueError for a file safetensors cannot read (torn, empty,
+    damaged header)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        return load_file(str(path)), metadata
+    except Exception as e:  # SafetensorError and OSError carry no file name
+        raise ValueError(f"not a readable .safetensors file ({e}); it may be truncated or "
+                         "damaged") from None

@@ -181,6 +181,20 @@ class TrainingConfig:
                                          "max_train_epochs is unset).", minimum=1)
     max_train_epochs: Optional[int] = opt(None, "Epochs to train; overrides max_train_steps.",
                                           aliases=("num_train_epochs",), minimum=1)
+    initial_epoch: Optional[int] = opt(None, "Start at this epoch (1 = the first): the run "
+                                       "counts steps from (N - 1) x steps per epoch, as "
+                                       "initial_step does.", minimum=1)
+    initial_step: Optional[int] = opt(None, "Start at this optimizer step (0 = the first; "
+                                      "overrides initial_epoch and a resumed state's step): "
+                                      "steps are counted, logged and named from N, and the "
+                                      "run ends at max_train_steps. The data starts at the "
+                                      "beginning of the epoch step N falls in (or, with "
+                                      "skip_until_initial_step, right after step N). The lr "
+                                      "schedule starts at its beginning unless resuming.",
+                                      minimum=0)
+    skip_until_initial_step: bool = opt(False, "With initial_step / initial_epoch: draw and "
+                                        "skip the batches of the steps before it, so the run "
+                                        "trains on the batches an uninterrupted run would.")
     mixed_precision: str = opt("no", "Compute precision: no (fp32), fp16 or bf16. On a "
                                "machine without CUDA, fp16/bf16 fall back to fp32 with a "
                                "warning.", choices=("no", "fp16", "bf16"))
@@ -381,8 +395,22 @@ class SavingConfig:
                                             minimum=1)
     save_state: bool = opt(False, "Also write a `-state` folder (LoRA fp32 weights, optimizer, "
                            "scheduler, RNG, position) beside each save, for exact resume.")
+    save_state_on_train_end: bool = opt(False, "Write the final `<output_name>-state` folder "
+                                        "at the end of training (and on Ctrl-C), even "
+                                        "without save_state.")
+    save_last_n_steps_state: Optional[int] = opt(None, "Keep only the step state folders of "
+                                                 "the last N steps (default: "
+                                                 "save_last_n_steps).", minimum=1)
+    save_last_n_epochs_state: Optional[int] = opt(None, "Keep only the state folders of the "
+                                                  "last N epoch saves (default: "
+                                                  "save_last_n_epochs).", minimum=1)
+    save_n_epoch_ratio: Optional[int] = opt(None, "Save about N times over the run: every "
+                                            "floor(epochs / N) epochs, at least every epoch; "
+                                            "overrides save_every_n_epochs.", minimum=1)
     resume: Optional[str] = opt(None, "Resume exactly from this state folder (written with "
-                                "save_state).", aliases=("resume_from_checkpoint",))
+                                "save_state), or `latest`: the newest complete state folder "
+                                "in output_dir (none: a new run starts, with a warning).",
+                                aliases=("resume_from_checkpoint",))
     overwrite: bool = opt(False, "Allow replacing existing outputs of the same name.")
     training_comment: Optional[str] = opt(None, "Free text stored in the LoRA's metadata as "
                                           "ss_training_comment.")

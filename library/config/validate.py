@@ -58,6 +58,10 @@ def validate(cfg: Config, layers: Layers, *, check_paths: bool = True) -> None:
             importlib.util.find_spec("wandb") is None:
         p.append(f"{locate(layers, 'log_with')}: {cfg.logging.log_with!r} needs the wandb "
                  "package: pip install wandb (or use log_with = \"tensorboard\")")
+    name = cfg.saving.output_name
+    if "/" in name or "\\" in name or name in ("", ".", "..") or ".." in name:
+        p.append(f"{locate(layers, 'output_name')}: {name!r} is a file name stem, not a path "
+                 "(no '/', '\\' or '..'); put the folder in output_dir")
     w = cfg.optimizer.lr_warmup_steps
     if w >= 1 and not float(w).is_integer():
         p.append(f"{locate(layers, 'lr_warmup_steps')}: {w} is neither a whole number of "
@@ -134,5 +138,5 @@ def check_path_keys(cfg: Config, layers: Layers, ok) -> None:
     if cfg.lora.network_weights and not Path(cfg.lora.network_weights).is_file():
         p.append(f"{locate(layers, 'network_weights')}: LoRA file "
                  f"{cfg.lora.network_weights!r} not found")
-    if s.resume and not Path(s.resume).is_dir():
+    if s.resume and s.resume != "latest" and not Path(s.resume).is_dir():
         p.append(f"{locate(layers, 'resume')}: state folder {s.resume!r} not found")

@@ -100,3 +100,22 @@ def merge_chunks(hidden: torch.Tensor, n: int) -> torch.Tensor:
 def first_chunk(pooled: torch.Tensor, n: int) -> torch.Tensor:
     """[batch * n, D] -> [batch, D]: each caption's first chunk."""
     return pooled.reshape(-1, n, pooled.shape[-1])[:, 0]
+
+
+def truncation_note(tokenizer, captions, max_token_length: int) -> str | None:
+    """One line for the log when captions are longer than `max_token_length` tokens (they are
+    cut to it in training), saying how many and what to raise; None when none are."""
+    texts = sorted({c for c in captions if c})
+    if not texts:
+        return None
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False,
+                                             truncation=False, verbose=False).input_ids]
+    long = [n for n in lengths if n > max_token_length]
+    if not long:
+        return None
+    fix = (f"set max_token_length = {next(a for a in ALLOWED if a >= min(max(long), 225))} "
+           "(75, 150 or 225) to keep more" if max_token_length < ALLOWED[-1] else
+           "225 is the most CLIP captions can use here; shorten them")
+    return (f"{len(long)} of {len(texts)} distinct captions are longer than max_token_length "
+            f"= {max_token_length} tokens and are cut to it (the longest has {max(long)} "
+            f"tokens); {fix}")

@@ -26,6 +26,8 @@ from library.train import samplers
 # kohya's sample defaults (sd-scripts train_util.sample_image_inference)
 DEFAULT_STEPS = 30
 DEFAULT_SCALE = 7.5
+# Largest sample side in pixels: 4x SDXL's native 1024 (an SDXL image at 4096 px is ~16 MP).
+MAX_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,9 @@ def convert(field: str, value: Any) -> Any:
             return value.strip()
         if field in ("width", "height"):
             # kohya rounds sizes down to a multiple of 8 (the VAE's downsampling factor).
-            # Its floor of 64 is not kept: the pretrained tiny model draws at 32x32.
-            n = _int(value, 8)
+            # Its floor of 64 is not kept: the pretrained tiny model draws at 32x32. The
+            # ceiling catches typos (100000) that would fail at the first sample, mid-run.
+            n = _int(value, 8, MAX_SIDE)
             return n - n % 8
         if field == "seed":
             return _int(value, 0, 2**63 - 1)
@@ -85,7 +88,8 @@ def convert(field: str, value: Any) -> Any:
             return x
     except (TypeError, ValueError):
         expected = {"prompt": "a string", "negative_prompt": "a string",
-                    "width": "an integer >= 8", "height": "an integer >= 8",
+                    "width": f"an integer from 8 to {MAX_SIDE}",
+                    "height": f"an integer from 8 to {MAX_SIDE}",
                     "seed": "an integer >= 0", "steps": "an integer from 1 to 1000",
                     "scale": "a number >= 0"}[field]
         raise ValueError(f"expected {expected}") from None
@@ -162,6 +166,9 @@ def read_prompt_items(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise ValueError(f"{path}: cannot read the prompt file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                         "save the prompt file as UTF-8") from None
     out = []
     if suffix in (".toml", ".json"):
         try:

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from library.durable import tmp_path
 from library.train import samplers
 from library.train.speed import eager
 from library.train.prompts import DEFAULT_SCALE, DEFAULT_STEPS, PromptSpec, \
@@ -133,7 +134,7 @@ def save_png(arr: np.ndarray, path: Path, parameters: str) -> Path:
     info = PngInfo()
     info.add_text("parameters", parameters)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path(path)  # removed by the next run if a kill strikes here
     Image.fromarray(arr if arr.dtype == np.uint8 else to_uint8(arr)).save(
         tmp, format="PNG", pnginfo=info)
     tmp.replace(path)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from networks import kohya_file
+from library import durable
 from networks.kohya_file import read_lora, write_lora
 
 STEM = "lora_unet_down_blocks_0_attentions_0_proj_in"
@@ -153,7 +153,7 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypat
     def boom(*args, **kwargs):
         raise OSError(f"simulated {fail_at} failure")
 
-    monkeypatch.setattr(kohya_file.os, fail_at, boom)
+    monkeypatch.setattr(durable.os, fail_at, boom)  # the atomic write lives there
     with pytest.raises(OSError, match="simulated"):
         write_lora(path, make_tensors(seed=1), {**SS_META, **OTHER_META})
     monkeypatch.undo()
@@ -171,7 +171,7 @@ def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("simulated replace failure")
 
-    monkeypatch.setattr(kohya_file.os, "replace", boom)
+    monkeypatch.setattr(durable.os, "replace", boom)
     with pytest.raises(OSError):
         write_lora(path, make_tensors(), SS_META)
     monkeypatch.undo()

@@ -182,7 +182,7 @@ def test_ctrl_c_stops_the_current_run_and_writes_the_summary(env):
     assert p.returncode == 130, stdout + stderr
     first, second = read_csv(out / "sweep_summary.csv")
     assert first["status"] == "interrupted" and first["exit_code"] not in ("", "0")
-    assert "KeyboardInterrupt" in log.read_text(encoding="utf-8")  # the child got SIGINT
+    assert "SIGINT: stop" in log.read_text(encoding="utf-8")  # the child got SIGINT
     assert not (out / "network_dim=2" / ".done").exists()
     assert second["status"] == "pending" and not (out / "network_dim=4").exists()
     assert not list(out.glob(".*.tmp"))  # summaries were renamed into place

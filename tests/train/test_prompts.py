@@ -35,8 +35,8 @@ def test_parse_line(line, expected):
 
 BAD_LINES = [
     ("a cat --x 3", "--x: unknown option"),
-    ("a cat --w wide", "--w 'wide': expected an integer >= 8"),
-    ("a cat --h 4", "--h '4': expected an integer >= 8"),
+    ("a cat --w wide", "--w 'wide': expected an integer from 8 to 4096"),
+    ("a cat --h 4", "--h '4': expected an integer from 8 to 4096"),
     ("a cat --s 0", "--s '0': expected an integer from 1 to 1000"),
     ("a cat --l -1", "--l '-1': expected a number >= 0"),
     ("a cat --d 1.5", "--d '1.5': expected an integer >= 0"),
@@ -139,7 +139,7 @@ def test_json_objects_and_strings(tmp_path):
     (".toml", '[[prompt]]\nprompt = "a"\n[[prompt]]\nprompt = "b"\nwidht = 64\n',
      "p.toml: prompt 2: widht: unknown key; valid keys: prompt,"),
     (".toml", '[[prompt]]\nprompt = "a"\nwidth = "big"\n',
-     "p.toml: prompt 1: width = 'big': expected an integer >= 8"),
+     "p.toml: prompt 1: width = 'big': expected an integer from 8 to 4096"),
     (".toml", '[[prompt]\n', "p.toml: not valid TOML"),
     (".json", '[{"prompt": "a", "seed": -1}]', "p.json: prompt 1: seed = -1: expected an "
      "integer >= 0"),

@@ -154,7 +154,7 @@ def test_bad_prompt_file_stops_before_models_load(tmp_path, tiny_sd15_dir, capsy
     rc, out = train(tmp_path, tiny_sd15_dir, "--sample_every_n_steps", "2",
                     "--sample_prompts", str(prompts), steps=1)
     assert rc == 2
-    assert f"{prompts}:2: --w 'huge': expected an integer >= 8" in capsys.readouterr().err
+    assert f"{prompts}:2: --w 'huge': expected an integer from 8 to 4096" in capsys.readouterr().err
     assert not out.exists()
 
 
