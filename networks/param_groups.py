@@ -42,8 +42,14 @@ def _split(modules, lr: float, ratio: float | None, name: str) -> list[dict]:
     if ratio is None:
         return [{"params": [p for m in modules for p in m.parameters()], "lr": lr,
                  "name": name}]
-    down = [p for m in modules for n, p in m.named_parameters() if not n.startswith("lora_up")]
-    up = [m.lora_up.weight for m in modules]
+    # LyCORIS's rule: the up side is lora_up (LoRA/LoCon); other algorithms have none, so
+    # all their parameters stay in the base group.
+    down = [p for m in modules for n, p in m.named_parameters()
+            if not n.startswith(m.plus_names or ("\0",))]
+    up = [p for m in modules for n, p in m.named_parameters()
+          if m.plus_names and n.startswith(m.plus_names)]
+    if not up:
+        return [{"params": down, "lr": lr, "name": name}]
     return [{"params": down, "lr": lr, "name": name},
             {"params": up, "lr": lr * ratio, "name": f"{name}/plus"}]
 

@@ -54,7 +54,8 @@ def save_state(folder: Path, *, network, optimizer, lr_scheduler, scaler, positi
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(network.kohya_state_dict(torch.float32), str(tmp / "lora.safetensors"))
+    save_file(network.kohya_state_dict(torch.float32, raw=True),
+              str(tmp / "lora.safetensors"))  # raw: LyCORIS use_scalar kept apart
     torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_states(),
