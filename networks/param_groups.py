@@ -59,7 +59,8 @@ def param_groups(network: LoRANetwork, cfg, family: str, unet_config: Mapping,
     """Parameter groups for the optimizer (see the module doc). ValueError when every lr is 0."""
     o = cfg.optimizer
     if args is None:
-        args = parse_network_args(with_top_level_keys(cfg.lora), family)
+        args = parse_network_args(with_top_level_keys(cfg.lora), family,
+                                  cfg.lora.network_module, cfg.lora.network_type)
     unet_lr = o.unet_lr if o.unet_lr is not None else o.learning_rate
     te_lrs = text_encoder_lrs(o.text_encoder_lr, o.learning_rate, family)
     groups: list[dict] = []
@@ -108,7 +109,8 @@ def check_config(cfg, family: str) -> NetworkArgs:
     NetworkArgsError lists every problem (before any model loads)."""
     problems = []
     try:
-        args = parse_network_args(with_top_level_keys(cfg.lora), family)
+        args = parse_network_args(with_top_level_keys(cfg.lora), family,
+                                  cfg.lora.network_module, cfg.lora.network_type)
     except NetworkArgsError as e:
         problems += e.problems
     try:

@@ -93,3 +93,41 @@ def delta_from_tensors(tensors: Mapping[str, torch.Tensor], shape: tuple,
         on_out = scale.shape[0] == shape[0] and (scale.dim() < 2 or scale.shape[1] == 1)
         delta = dora_weight(w, delta, scale, 1.0, on_out) - w
     return delta
+
+
+def spec_from_tensors(t: Mapping[str, torch.Tensor], base_shape: tuple | None = None
+                      ) -> tuple[int, float | None, AdapterSpec]:
+    """(rank, alpha, spec) that rebuild the module a file's tensors (by suffix) describe."""
+    algo = algo_of(t)
+    if algo is None:
+        raise ValueError(f"no adapter tensors among {sorted(t)[:6]}")
+    alpha = float(t["alpha"].float()) if "alpha" in t else None
+    dora = "dora_scale" in t
+    on_out = True
+    if dora and base_shape is not None:
+        s = t["dora_scale"]
+        on_out = not (s.dim() >= 2 and s.shape[0] == 1 and base_shape[0] != 1)
+    common = dict(dora=dora, dora_on_out=on_out, use_scalar="scalar" in t)
+    if algo == "lora":
+        return t["lora_down.weight"].shape[0], alpha, AdapterSpec(
+            "lora", use_tucker="lora_mid.weight" in t, **common)
+    if algo == "loha":
+        return t["hada_w1_b"].shape[0], alpha, AdapterSpec(
+            "loha", use_tucker="hada_t1" in t, **common)
+    if algo == "lokr":
+        return lokr._rank(t) or 1, alpha, AdapterSpec(
+            "lokr", use_tucker="lokr_t2" in t, kron_layout=lokr.layout_from_tensors(t),
+            **common)
+    if algo == "ia3":
+        on_input = bool(int(t["on_input"].float().item()))
+        return 1, None, AdapterSpec("ia3", on_input=on_input)
+    return 1, None, AdapterSpec(algo)
+
+
+def group_by_module(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`<stem>.<suffix>` keys -> stem -> {suffix: tensor}."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        stem, _, suffix = key.partition(".")
+        out.setdefault(stem, {})[suffix] = value
+    return out
