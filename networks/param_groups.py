@@ -117,6 +117,12 @@ def check_config(cfg, family: str) -> NetworkArgs:
         text_encoder_lrs(cfg.optimizer.text_encoder_lr, cfg.optimizer.learning_rate, family)
     except ValueError as e:
         problems.append(str(e))
+    if not problems and cfg.saving.save_model_as == "diffusers" and \
+            (args.spec.algo != "lora" or args.spec.dora or args.spec.use_tucker):
+        problems.append("[saving] save_model_as = \"diffusers\": diffusers loads plain LoRA "
+                        "only, not this network (LoHa/LoKr/full/(IA)3, DoRA or Tucker); save "
+                        "as safetensors and export with tools/convert_lora.py --to lora "
+                        "--rank N")
     if problems:
         raise NetworkArgsError(problems)
     return args

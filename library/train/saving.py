@@ -22,16 +22,31 @@ def config_json(cfg) -> str:
     return json.dumps(asdict(cfg), default=list, sort_keys=True)
 
 
+def network_identity(lo) -> tuple[str, dict]:
+    """(ss_network_module, ss_network_args): a LyCORIS algorithm chosen with [lora]
+    network_type is written as LyCORIS writes it (lycoris.kohya, algo=...), so loaders and
+    tools that read the metadata know the file."""
+    args = dict(lo.network_args)
+    algo = lo.network_type
+    if algo in (None, "lora", "locon") and lo.network_module == "networks.lora" and \
+            not args.get("dora_wd") and not args.get("use_tucker"):
+        return lo.network_module, args
+    if algo is not None:
+        args = {"algo": {"lora": "locon"}.get(algo, algo), **args}
+    return "lycoris.kohya", args
+
+
 def build_metadata(cfg, family, *, steps: int, epoch: int, num_images: int,
                    resolution: tuple[int, int], tag_frequency: dict, bucket_info: dict,
                    seed: int, title: str) -> dict[str, str]:
     lo, opt = cfg.lora, cfg.optimizer
     alpha = lo.network_alpha if lo.network_alpha is not None else lo.network_dim
+    module, net_args = network_identity(lo)
     meta = {
-        "ss_network_module": lo.network_module,
+        "ss_network_module": module,
         "ss_network_dim": lo.network_dim,
         "ss_network_alpha": alpha,
-        "ss_network_args": json.dumps(lo.network_args),
+        "ss_network_args": json.dumps(net_args),
         "ss_base_model_version": family.base_model_version,
         "ss_sd_model_name": Path(cfg.model.pretrained_model_name_or_path).name,
         "ss_resolution": f"({resolution[0]}, {resolution[1]})",
