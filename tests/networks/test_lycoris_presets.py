@@ -144,3 +144,24 @@ def test_file_loads_in_lycoris_with_every_key(pipes, spec, tmp_path):
         with torch.no_grad():
             for m in net:
                 m.base.weight.copy_(weights[id(m.base)])
+
+
+def test_shipped_lokr_example_builds_full_matrix_lokr(pipes):
+    """configs/examples/sdxl_lokr_character.toml: its network_args parse for SDXL and build a
+    LoKr network on LyCORIS's full preset whose modules are all full-matrix (alpha ignored)."""
+    from types import SimpleNamespace
+
+    from networks.build import build_network
+    from networks.param_groups import check_config
+    from tests.config.helpers import REPO, load
+    cfg = load(["--config_file", REPO / "configs" / "examples" /
+                "sdxl_lokr_character.toml"]).config
+    args = check_config(cfg, "sdxl")
+    assert args.spec.algo == "lokr" and args.spec.factor == 8 and args.preset == "full"
+    pipe = pipes["sdxl"]
+    c = SimpleNamespace(unet=pipe.unet, text_encoders=encoders(pipe))
+    net = build_network(c, FAMILIES["sdxl"], cfg, args)
+    assert {m.spec.algo for m in net} == {"lokr"}
+    assert all(m.use_w1 and m.use_w2 and m.scale == 1.0 for m in net)
+    assert {"lora_unet_input_blocks_0_0", "lora_te2_text_model_encoder_layers_0_mlp_fc2"} <= \
+        set(net.loras)
