@@ -70,6 +70,7 @@ class Adapter(nn.Module):
     """One adapter on one base module (see the module doc)."""
 
     algo = "base"
+    scale = 1.0  # alpha / rank where the algorithm has them (full and (IA)3 do not)
     # Suffixes a file may lack: alpha (means alpha = rank) and scalar (training state only).
     OPTIONAL = ("alpha", "scalar")
     # The parameters LoRA+ trains at lr x ratio (LyCORIS: names containing lora_up).
