@@ -91,7 +91,9 @@ LYCORIS_SUFFIXES = (".lora_mid.weight", ".dora_scale", ".hada_w1_a", ".hada_w1_b
 
 def is_lycoris(sd: Mapping[str, torch.Tensor]) -> bool:
     """A LyCORIS file: some module is not plain LoRA (LoHa, LoKr, full, (IA)3, DoRA, Tucker)."""
-    return any(k.endswith(LYCORIS_SUFFIXES) and not k.endswith(SUFFIXES) for k in sd)
+    # (IA)3's `.weight` is told by its `.on_input`; a bare `.weight` is any layout's
+    marks = tuple(x for x in LYCORIS_SUFFIXES if x != ".weight")
+    return any(k.endswith(marks) for k in sd)
 
 
 def _is_conv_target(stem: str, use_linear_projection: bool) -> bool:
