@@ -121,3 +121,24 @@ def test_wrong_algorithm_file_is_a_clear_error():
     sd = network(model, AdapterSpec("loha")).kohya_state_dict()
     with pytest.raises(ValueError, match="missing keys.*unexpected keys"):
         network(Tiny(), AdapterSpec("lokr"), randomise=False).load_kohya_state_dict(sd, "x")
+
+
+def test_show_metadata_names_the_lycoris_algorithm():
+    from tools.show_metadata import describe_network
+    line = describe_network({"ss_network_module": "lycoris.kohya", "ss_network_dim": "8",
+                             "ss_network_alpha": "4",
+                             "ss_network_args": '{"algo": "lokr", "factor": 8}'})
+    assert line == ("network: LyCORIS LoKr (lycoris.kohya, algo=lokr), dim 8, alpha 4, "
+                    "factor=8")
+    assert describe_network({"ss_network_module": "networks.lora", "ss_network_dim": "4",
+                             "ss_network_alpha": "4"}) == "network: networks.lora, dim 4, alpha 4"
+
+
+def test_network_type_is_written_as_lycoris_metadata():
+    from dataclasses import replace
+
+    from library.config.schema import Config
+    from library.train.saving import network_identity
+    lo = replace(Config().lora, network_type="loha", network_args={"conv_dim": 4})
+    assert network_identity(lo) == ("lycoris.kohya", {"algo": "loha", "conv_dim": 4})
+    assert network_identity(Config().lora) == ("networks.lora", {})
