@@ -228,7 +228,7 @@ def parse_network_args(raw: Mapping[str, Any], family: str | None,
 
     out["conv_dim"] = number("conv_dim", minimum=0, integer=True) or None
     conv_alpha = number("conv_alpha", minimum=0)
-    if conv_alpha == 0:
+    if conv_alpha == 0 and not lycoris:  # LyCORIS reads 0 as "network_alpha"
         bad("conv_alpha", "0 is ambiguous (kohya reads it as rank, other loaders as no "
             "effect); leave it unset for alpha = conv_dim")
     out["conv_alpha"] = conv_alpha or None

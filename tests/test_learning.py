@@ -10,7 +10,7 @@ read with the pixel measures of tools/measure.py (docs/TINY_MODEL.md):
 
 `make test` runs one training seed; TOMLORA_LEARNING_SEEDS=all runs three (0, 1, 2).
 The LyCORIS algorithms (LoHa, LoKr, DoRA) learn the same demo with the same config and
-measures; `make test` runs LoKr, TOMLORA_LEARNING_ALGOS=all all three (docs/TINY_MODEL.md).
+measures; `make test` runs DoRA, TOMLORA_LEARNING_ALGOS=all all three (docs/TINY_MODEL.md).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ ALGOS = {
              "preset=full", "conv_dim=8", "conv_alpha=8"],
     "dora": ["--network_args", "conv_dim=8", "conv_alpha=8", "dora_wd=True"],
 }
-ALGOS_RUN = list(ALGOS) if os.environ.get("TOMLORA_LEARNING_ALGOS") == "all" else ["lokr"]
+ALGOS_RUN = list(ALGOS) if os.environ.get("TOMLORA_LEARNING_ALGOS") == "all" else ["dora"]
 
 
 @pytest.mark.parametrize("algo", ALGOS_RUN)
