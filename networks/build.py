@@ -16,6 +16,7 @@ from typing import Mapping
 from networks.from_file import read_kohya, targets_from_state_dict
 from networks.lora import LoRANetwork
 from networks.network_args import NetworkArgs, rank_spec
+from networks.presets import Dims, preset_targets
 from networks.targets import find_targets
 
 
@@ -38,8 +39,11 @@ def _drop(sd: Mapping, prefixes: tuple[str, ...]) -> tuple[dict, int]:
 def build_network(c, family, cfg, args: NetworkArgs) -> LoRANetwork:
     """The (detached) network of a training run; ValueError names the problem."""
     lo = cfg.lora
-    dropouts = dict(dropout=lo.network_dropout or 0.0, rank_dropout=args.rank_dropout,
-                    module_dropout=args.module_dropout)
+    dropout = args.dropout if args.dropout is not None else (lo.network_dropout or 0.0)
+    if args.spec.algo != "lora":  # LyCORIS applies dropout to LoRA/LoCon only
+        dropout = 0.0
+    dropouts = dict(dropout=dropout, rank_dropout=args.rank_dropout,
+                    module_dropout=args.module_dropout, spec=args.spec)
     if lo.dim_from_weights:
         sd, _ = read_kohya(lo.network_weights, family.name, dict(c.unet.config))
         sd, _ = _drop(sd, skipped_prefixes(cfg, family))
@@ -51,6 +55,14 @@ def build_network(c, family, cfg, args: NetworkArgs) -> LoRANetwork:
                                               family.name)
         except ValueError as e:
             raise ValueError(f"network_weights {lo.network_weights}: {e}") from None
+        return LoRANetwork(targets, **dropouts)
+    if args.preset is not None:  # lycoris.kohya: LyCORIS's defaults and preset targets
+        dims = Dims(lo.network_dim, lo.network_alpha, args.conv_dim or lo.network_dim,
+                    args.conv_alpha if args.conv_alpha is not None else lo.network_alpha)
+        targets = preset_targets(args.preset, c.unet, c.text_encoders, family.te_prefixes,
+                                 family.name, dims, args.spec,
+                                 train_unet=not lo.network_train_text_encoder_only,
+                                 train_text_encoder=not lo.network_train_unet_only)
         return LoRANetwork(targets, **dropouts)
     ranks = rank_spec(args, lo.network_dim, lo.network_alpha, family.name)
     targets = find_targets(c.unet, c.text_encoders, family.te_prefixes, family.name, ranks,

@@ -82,6 +82,20 @@ def uniform_alphas(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# Every tensor a LyCORIS file of the algorithms we read may hold (networks/adapters/).
+LYCORIS_SUFFIXES = (".lora_mid.weight", ".dora_scale", ".hada_w1_a", ".hada_w1_b",
+                    ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".lokr_w1",
+                    ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b",
+                    ".lokr_t1", ".lokr_t2", ".diff", ".diff_b", ".weight", ".on_input")
+
+
+def is_lycoris(sd: Mapping[str, torch.Tensor]) -> bool:
+    """A LyCORIS file: some module is not plain LoRA (LoHa, LoKr, full, (IA)3, DoRA, Tucker)."""
+    # (IA)3's `.weight` is told by its `.on_input`; a bare `.weight` is any layout's
+    marks = tuple(x for x in LYCORIS_SUFFIXES if x != ".weight")
+    return any(k.endswith(marks) for k in sd)
+
+
 def _is_conv_target(stem: str, use_linear_projection: bool) -> bool:
     if not stem.startswith("lora_unet_"):
         return False
@@ -99,8 +113,13 @@ def rule_problems(sd: Mapping[str, torch.Tensor], family: str,
     if use_linear_projection is None:
         use_linear_projection = family == "sdxl"
     problems = []
-    extra = [k for k in sd if not k.endswith(SUFFIXES) or not k.startswith(PREFIXES)]
-    if extra:
+    lycoris = is_lycoris(sd)
+    allowed = SUFFIXES + LYCORIS_SUFFIXES if lycoris else SUFFIXES
+    extra = [k for k in sd if not k.endswith(allowed) or not k.startswith(PREFIXES)]
+    if extra and lycoris:
+        problems.append(f"{len(extra)} tensors that are no LoRA/LyCORIS tensor of a "
+                        f"lora_unet_/lora_te module: {sorted(extra)[:5]}")
+    elif extra:
         problems.append(f"{len(extra)} extra tensors (only <prefix>_<module>.lora_down.weight, "
                         f".lora_up.weight and .alpha are allowed; one stray key makes diffusers "
                         f"load nothing): {sorted(extra)[:5]}")
@@ -125,6 +144,11 @@ def rule_problems(sd: Mapping[str, torch.Tensor], family: str,
                         f"{'LDM' if family == 'sd15' else 'diffusers'} names on {family} "
                         f"(SD1.5 files need diffusers names, SDXL files LDM names): "
                         f"{names_bad[:3]}")
+    if lycoris:
+        # The rest are diffusers' rules for plain LoRA files; diffusers does not load
+        # LyCORIS files at all (A1111, Forge and ComfyUI do, per module), and LyCORIS's
+        # presets adapt partial text-encoder layers by design.
+        return problems
     layers: dict[tuple[str, int], set[str]] = {}
     for s in mods:
         m = _TE_LAYER.match(s)

@@ -16,24 +16,27 @@ import torch
 from torch import nn
 
 from networks import formats
+from networks.adapters import algo_of, group_by_module, spec_from_tensors
 from networks.kohya_file import read_lora
 from networks.lora import LoRANetwork, Target
 
-_UNSUPPORTED = ("hada_", "lokr_", "dora_scale", ".diff", "lora_mid")
+_PEFT_UNSUPPORTED = ("lora_magnitude_vector",)
 
 
 def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
-    """'kohya' or 'peft'; ValueError for anything else (LyCORIS, old diffusers attn procs)."""
-    odd = sorted(k for k in sd if any(u in k for u in _UNSUPPORTED))
+    """'kohya' (kohya LoRA or any LyCORIS algorithm: lora_down, hada_, lokr_, diff, (IA)3) or
+    'peft'; ValueError for anything else (peft DoRA, old diffusers attention processors)."""
+    odd = sorted(k for k in sd if any(u in k for u in _PEFT_UNSUPPORTED))
     if odd:
-        raise ValueError(f"unsupported LoRA variant (LyCORIS/DoRA keys such as {odd[0]!r}); "
-                         "only plain LoRA (lora_down/lora_up or lora_A/lora_B) is supported")
-    if any(k.endswith(".lora_down.weight") for k in sd):
+        raise ValueError(f"unsupported LoRA variant (peft DoRA keys such as {odd[0]!r}); "
+                         "kohya/LyCORIS files and plain diffusers/peft LoRA are supported")
+    if any(algo_of(t) for t in group_by_module(sd).values()):
         return "kohya"
     if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in sd):
         return "peft"
-    raise ValueError("no LoRA keys found (expected kohya `.lora_down.weight` or diffusers/"
-                     "peft `.lora_A.weight` keys)")
+    raise ValueError("no LoRA keys found (expected kohya `.lora_down.weight`, LyCORIS "
+                     "`.hada_w1_a` / `.lokr_w1` / `.diff` or diffusers/peft `.lora_A.weight` "
+                     "keys)")
 
 
 def kohya_state_dict_of(sd: Mapping[str, torch.Tensor], family: str,
@@ -68,14 +71,13 @@ def _te_module(te: nn.Module, layer: int, proj: str) -> nn.Module:
 def targets_from_state_dict(sd: Mapping[str, torch.Tensor], unet: nn.Module,
                             text_encoders: list, te_prefixes: tuple[str, ...],
                             family: str) -> list[Target]:
-    """One Target per key stem, rank from lora_down, alpha from the file (default rank)."""
+    """One Target per key stem, with the algorithm, rank, alpha and options its tensors
+    describe (LoRA: rank from lora_down; alpha from the file, default rank)."""
     targets = []
-    for stem in sorted({k.split(".", 1)[0] for k in sd}):
-        down = sd.get(f"{stem}.lora_down.weight")
-        if down is None or f"{stem}.lora_up.weight" not in sd:
-            raise ValueError(f"{stem}: needs both lora_down and lora_up weights")
-        alpha = sd.get(f"{stem}.alpha")
-        rank = down.shape[0]
+    for stem, tensors in sorted(group_by_module(sd).items()):
+        if "lora_down.weight" in tensors or "lora_up.weight" in tensors:
+            if "lora_down.weight" not in tensors or "lora_up.weight" not in tensors:
+                raise ValueError(f"{stem}: needs both lora_down and lora_up weights")
         if stem.startswith(formats.UNET_PREFIX):
             module = unet.get_submodule(
                 formats.kohya_to_unet_module(stem, family, dict(unet.config)))
@@ -85,8 +87,11 @@ def targets_from_state_dict(sd: Mapping[str, torch.Tensor], unet: nn.Module,
                 raise ValueError(f"{stem}: {prefix}_ keys do not fit a {family} model "
                                  f"(text encoders {', '.join(te_prefixes)})")
             module = _te_module(text_encoders[te_prefixes.index(prefix)], layer, proj)
-        targets.append(Target(stem, module, rank,
-                              float(alpha.float().item()) if alpha is not None else rank))
+        try:
+            rank, alpha, spec = spec_from_tensors(tensors, tuple(module.weight.shape))
+        except ValueError as e:
+            raise ValueError(f"{stem}: {e}") from None
+        targets.append(Target(stem, module, rank, alpha if alpha is not None else rank, spec))
     return targets
 
 

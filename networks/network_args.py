@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from networks.adapters import canonical
+from networks.adapters.base import AdapterSpec
 from networks.targets import RankSpec
 
 # Length of the per-block lists (block_dims ...) and of the down/up and mid lr-weight lists.
@@ -44,11 +46,42 @@ KEYS = {
     "loraplus_unet_lr_ratio": "LoRA+ ratio for the UNet only",
     "loraplus_text_encoder_lr_ratio": "LoRA+ ratio for the text encoders only",
 }
+# LyCORIS's options (lycoris/kohya.py create_network), read with either network_module.
+ADAPTER_KEYS = {
+    "use_tucker": "Tucker/CP core for k x k convs (lora_mid, hada_t1/t2, lokr_t2)",
+    "use_cp": "old name of use_tucker", "use_conv_cp": "old name of use_tucker",
+    "disable_conv_cp": "false = use_tucker (old LyCORIS spelling)",
+    "use_scalar": "a trained scalar on the delta, initialised at 0",
+    "dora_wd": "DoRA: weight decomposition with a trained magnitude (dora_scale)",
+    "wd_on_output": "DoRA magnitude per output row (true, default) or per input column",
+    "factor": "LoKr: split dims around this factor (-1: nearest to the square root)",
+    "decompose_both": "LoKr: low-rank w1 as well as w2",
+    "full_matrix": "LoKr: full w1 and w2 (no rank, no alpha)",
+    "unbalanced_factorization": "LoKr: swap the out-dim split",
+    "rank_dropout_scale": "rescale the kept rows under rank_dropout",
+    "rs_lora": "rank-stabilised scale alpha / sqrt(rank)",
+    "bypass_mode": "accepted, no effect (the same math either way)",
+    "train_norm": "LyCORIS norm adapters: only false is supported",
+}
+# Keys only lycoris.kohya reads.
+LYCORIS_KEYS = {
+    "algo": "lora/locon, loha, lokr, full, ia3",
+    "preset": "target modules: full, full-lin, attn-mlp, attn-only, unet-only, "
+              "unet-transformer-only, unet-convblock-only, ia3",
+    "dropout": "dropout on the LoRA down output (as network_dropout)",
+}
+# lycoris.kohya reads these, but not for any algorithm we build.
+_OFT_ONLY = ("constraint", "rescaled", "block_size")
+_KOHYA_ONLY = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
+               "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
+NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
 # Keys users bring from other trainers, with where they belong instead.
 _ELSEWHERE = {
     "dropout": "use the [lora] key network_dropout",
-    "algo": "LyCORIS algorithms are not supported; networks.lora is plain LoRA/LoCon",
-    "preset": "LyCORIS presets are not supported; conv_dim enables the ResNet targets",
+    "algo": "set network_module = \"lycoris.kohya\" for LyCORIS's algo=, or network_type "
+            "in [lora]",
+    "preset": "LyCORIS presets need network_module = \"lycoris.kohya\"; with networks.lora "
+              "conv_dim enables the ResNet targets",
 }
 
 
@@ -74,6 +107,11 @@ class NetworkArgs:
     lr_weights: tuple[float, ...] | None = None
     loraplus_unet: float | None = None
     loraplus_text_encoder: float | None = None
+    # The adapter: algorithm and options (networks.adapters), LyCORIS's preset (None: kohya's
+    # targets of networks.lora) and LyCORIS's `dropout` key.
+    spec: AdapterSpec = AdapterSpec()
+    preset: str | None = None
+    dropout: float | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -128,24 +166,47 @@ def _preset(name: str, n: int) -> list[float]:
     return [v + add for v in curves[base]]
 
 
-def parse_network_args(raw: Mapping[str, Any], family: str | None) -> NetworkArgs:
+def parse_network_args(raw: Mapping[str, Any], family: str | None,
+                       module: str = "networks.lora", network_type: str | None = None
+                       ) -> NetworkArgs:
     """Typed network_args; NetworkArgsError lists every problem. `family` ("sd15"/"sdxl")
-    decides the lengths of the per-block lists; None skips those length checks."""
+    decides the lengths of the per-block lists; None skips those length checks. `module` is
+    network_module ("networks.lora" or "lycoris.kohya"), `network_type` the [lora] key."""
     problems: list[str] = []
     warnings: list[str] = []
     out: dict[str, Any] = {}
+    lycoris = module == "lycoris.kohya"
+    if lycoris:
+        valid = {k: v for k, v in KEYS.items() if k not in _KOHYA_ONLY}
+        valid.update(LYCORIS_KEYS)
+    else:
+        valid = dict(KEYS)
+    valid.update(ADAPTER_KEYS)
 
     def bad(key: str, why: str) -> None:
         problems.append(f"[lora] network_args: {key}: {why}")
 
     for key in raw:
-        if key not in KEYS:
-            hint = _ELSEWHERE.get(key)
-            close = difflib.get_close_matches(key, list(KEYS), n=1, cutoff=0.6)
-            hint = hint or (f"did you mean {close[0]}?" if close else None)
-            problems.append(f"[lora] network_args: unknown key {key!r}"
-                            + (f" ({hint})" if hint else "")
-                            + f"; valid keys for networks.lora: {', '.join(KEYS)}")
+        if key in valid:
+            continue
+        if lycoris and key in _KOHYA_ONLY:
+            bad(key, "a networks.lora (kohya per-block) arg; LyCORIS's network does not "
+                "read it: remove it or use network_module = \"networks.lora\"")
+            continue
+        if key in _OFT_ONLY:
+            if raw[key] not in (None, False, 0, "0", "false", "False"):
+                bad(key, "only LyCORIS's OFT/BOFT read it, and those algorithms are not "
+                    "supported; remove it")
+            continue
+        hint = None if lycoris else _ELSEWHERE.get(key)
+        close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+        hint = hint or (f"did you mean {close[0]}?" if close else None)
+        problems.append(f"[lora] network_args: unknown key {key!r}"
+                        + (f" ({hint})" if hint else "")
+                        + f"; valid keys for {module}: {', '.join(valid)}")
+
+    if lycoris:  # reported above; not parsed again
+        raw = {k: v for k, v in raw.items() if k not in _KOHYA_ONLY}
 
     def number(key: str, *, minimum: float, below: float | None = None, integer=False):
         if raw.get(key) is None:
@@ -167,7 +228,7 @@ def parse_network_args(raw: Mapping[str, Any], family: str | None) -> NetworkArg
 
     out["conv_dim"] = number("conv_dim", minimum=0, integer=True) or None
     conv_alpha = number("conv_alpha", minimum=0)
-    if conv_alpha == 0:
+    if conv_alpha == 0 and not lycoris:  # LyCORIS reads 0 as "network_alpha"
         bad("conv_alpha", "0 is ambiguous (kohya reads it as rank, other loaders as no "
             "effect); leave it unset for alpha = conv_dim")
     out["conv_alpha"] = conv_alpha or None
@@ -204,10 +265,11 @@ def parse_network_args(raw: Mapping[str, Any], family: str | None) -> NetworkArg
         out[key] = tuple(values)
 
     lr_weights = _lr_weights(raw, family, threshold, bad, warnings)
+    spec, preset, dropout = _adapter(raw, lycoris, network_type, bad, warnings, number)
     if problems:
         raise NetworkArgsError(problems)
     return NetworkArgs(
-        conv_dim=out["conv_dim"], conv_alpha=out["conv_alpha"],
+        spec=spec, preset=preset, dropout=dropout, conv_dim=out["conv_dim"], conv_alpha=out["conv_alpha"],
         rank_dropout=out["rank_dropout"], module_dropout=out["module_dropout"],
         block_dims=out["block_dims"], block_alphas=out["block_alphas"],
         conv_block_dims=out["conv_block_dims"], conv_block_alphas=out["conv_block_alphas"],
@@ -215,6 +277,75 @@ def parse_network_args(raw: Mapping[str, Any], family: str | None) -> NetworkArg
         loraplus_unet=out["loraplus_unet_lr_ratio"] or out["loraplus_lr_ratio"],
         loraplus_text_encoder=out["loraplus_text_encoder_lr_ratio"] or out["loraplus_lr_ratio"],
         warnings=tuple(warnings))
+
+
+def _flag(raw, key, bad, default=False) -> bool:
+    v = raw.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0"):
+        return v.strip().lower() in ("true", "1")
+    bad(key, f"expected true or false, got {v!r}")
+    return default
+
+
+def _adapter(raw, lycoris, network_type, bad, warnings, number):
+    """(AdapterSpec, preset, dropout) from LyCORIS's keys (its defaults: algo lora, preset
+    full with lycoris.kohya)."""
+    from networks.presets import PRESETS
+    algo = "lora"
+    given = raw.get("algo") if lycoris else None
+    for key, value in (("algo", given), ("network_type", network_type)):
+        if value is None:
+            continue
+        try:
+            name = canonical(value)
+        except ValueError as e:
+            bad(key, str(e))
+            continue
+        if key == "network_type" and given is not None and name != algo:
+            bad("algo", f"algo={given} contradicts [lora] network_type = {network_type!r}; "
+                "give one of them")
+        algo = name
+    preset = None
+    if lycoris:
+        preset = str(raw.get("preset") or "full")
+        if preset not in PRESETS:
+            bad("preset", f"unknown preset {preset!r} (preset files are not supported); "
+                f"valid: {', '.join(PRESETS)}")
+            preset = "full"
+    elif raw.get("preset") is not None:
+        bad("preset", "needs network_module = \"lycoris.kohya\"")
+    tucker = _flag(raw, "use_tucker", bad) or _flag(raw, "use_cp", bad) or \
+        _flag(raw, "use_conv_cp", bad) or not _flag(raw, "disable_conv_cp", bad, True)
+    dora = _flag(raw, "dora_wd", bad)
+    if dora and algo in ("full", "ia3"):
+        bad("dora_wd", f"DoRA applies to lora/locon, loha and lokr, not algo={algo}")
+    if _flag(raw, "train_norm", bad):
+        bad("train_norm", "LyCORIS's norm adapters are not supported; set train_norm=false")
+    if _flag(raw, "bypass_mode", bad):
+        warnings.append("network_args: bypass_mode has no effect here (the adapters compute "
+                        "the same delta either way)")
+    factor = number("factor", minimum=-1, integer=True)
+    if factor == 0:
+        bad("factor", "0 is not a factor; use -1 (square root) or a positive number")
+    spec = AdapterSpec(
+        algo=algo, use_tucker=tucker, use_scalar=_flag(raw, "use_scalar", bad), dora=dora,
+        dora_on_out=_flag(raw, "wd_on_output", bad, True),
+        rank_dropout_scale=_flag(raw, "rank_dropout_scale", bad),
+        rs_lora=_flag(raw, "rs_lora", bad), factor=int(factor if factor else -1),
+        decompose_both=_flag(raw, "decompose_both", bad),
+        full_matrix=_flag(raw, "full_matrix", bad),
+        unbalanced_factorization=_flag(raw, "unbalanced_factorization", bad))
+    dropout = number("dropout", minimum=0, below=1) if lycoris else None
+    if algo != "lora" and dropout:
+        warnings.append(f"network_args: dropout has no effect with algo={algo} (LyCORIS "
+                        "applies it to LoRA/LoCon only)")
+    return spec, preset, dropout
 
 
 def _lr_weights(raw, family, threshold, bad, warnings) -> tuple[float, ...] | None:

@@ -42,8 +42,14 @@ def _split(modules, lr: float, ratio: float | None, name: str) -> list[dict]:
     if ratio is None:
         return [{"params": [p for m in modules for p in m.parameters()], "lr": lr,
                  "name": name}]
-    down = [p for m in modules for n, p in m.named_parameters() if not n.startswith("lora_up")]
-    up = [m.lora_up.weight for m in modules]
+    # LyCORIS's rule: the up side is lora_up (LoRA/LoCon); other algorithms have none, so
+    # all their parameters stay in the base group.
+    down = [p for m in modules for n, p in m.named_parameters()
+            if not n.startswith(m.plus_names or ("\0",))]
+    up = [p for m in modules for n, p in m.named_parameters()
+          if m.plus_names and n.startswith(m.plus_names)]
+    if not up:
+        return [{"params": down, "lr": lr, "name": name}]
     return [{"params": down, "lr": lr, "name": name},
             {"params": up, "lr": lr * ratio, "name": f"{name}/plus"}]
 
@@ -53,7 +59,8 @@ def param_groups(network: LoRANetwork, cfg, family: str, unet_config: Mapping,
     """Parameter groups for the optimizer (see the module doc). ValueError when every lr is 0."""
     o = cfg.optimizer
     if args is None:
-        args = parse_network_args(with_top_level_keys(cfg.lora), family)
+        args = parse_network_args(with_top_level_keys(cfg.lora), family,
+                                  cfg.lora.network_module, cfg.lora.network_type)
     unet_lr = o.unet_lr if o.unet_lr is not None else o.learning_rate
     te_lrs = text_encoder_lrs(o.text_encoder_lr, o.learning_rate, family)
     groups: list[dict] = []
@@ -102,13 +109,20 @@ def check_config(cfg, family: str) -> NetworkArgs:
     NetworkArgsError lists every problem (before any model loads)."""
     problems = []
     try:
-        args = parse_network_args(with_top_level_keys(cfg.lora), family)
+        args = parse_network_args(with_top_level_keys(cfg.lora), family,
+                                  cfg.lora.network_module, cfg.lora.network_type)
     except NetworkArgsError as e:
         problems += e.problems
     try:
         text_encoder_lrs(cfg.optimizer.text_encoder_lr, cfg.optimizer.learning_rate, family)
     except ValueError as e:
         problems.append(str(e))
+    if not problems and cfg.saving.save_model_as == "diffusers" and \
+            (args.spec.algo != "lora" or args.spec.dora or args.spec.use_tucker):
+        problems.append("[saving] save_model_as = \"diffusers\": diffusers loads plain LoRA "
+                        "only, not this network (LoHa/LoKr/full/(IA)3, DoRA or Tucker); save "
+                        "as safetensors and export with tools/convert_lora.py --to lora "
+                        "--rank N")
     if problems:
         raise NetworkArgsError(problems)
     return args

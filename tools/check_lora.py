@@ -25,23 +25,41 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from networks import file_rules, layouts  # noqa: E402
+from networks.adapters import algo_of, delta_from_tensors, group_by_module  # noqa: E402
+from networks.adapters import spec_from_tensors  # noqa: E402
 from networks.from_file import detect_layout, kohya_state_dict_of  # noqa: E402
 from networks.kohya_file import read_lora  # noqa: E402
 
 
 def module_rows(sd: dict) -> list[dict]:
-    """One row per module with a lora_down and lora_up."""
+    """One row per module, any algorithm: rank, alpha, scale, the norm of its ΔW (scale
+    included; DoRA's renormalisation and (IA)3 need the base model, so they are shown as the
+    norm of the low-rank part / of the trained vector)."""
     rows = []
-    for stem, t in sorted(file_rules.modules(sd).items()):
-        if "down" not in t or "up" not in t:
+    for stem, t in sorted(group_by_module(sd).items()):
+        algo = algo_of(t)
+        if algo is None or (algo == "lora" and ("lora_down.weight" not in t or
+                                                "lora_up.weight" not in t)):
             continue
-        down, up = t["down"].float(), t["up"].float()
-        rank = down.shape[0]
-        alpha = float(t["alpha"].float()) if "alpha" in t else float(rank)
-        norm = float(torch.linalg.matrix_norm(up.flatten(1) @ down.flatten(1)))
-        rows.append({"module": stem, "part": file_rules.part_of(stem) or "?", "rank": rank,
-                     "alpha": alpha, "scale": alpha / rank, "norm": norm,
-                     "delta": alpha / rank * norm, "zero_up": not bool(up.abs().sum() > 0)})
+        rank, alpha, _ = spec_from_tensors(t)
+        alpha = float(alpha) if alpha is not None else float(rank)
+        scale = 1.0 if algo in ("full", "ia3") else alpha / rank
+        if algo == "lokr" and "lokr_w1" in t and "lokr_w2" in t:
+            scale = 1.0
+        if algo == "ia3":
+            delta = float(t["weight"].float().norm())
+        else:
+            delta = float(torch.linalg.vector_norm(delta_from_tensors(
+                {k: v for k, v in t.items() if k != "dora_scale"}, (-1,))))
+        zero = not any(bool(v.float().abs().sum() > 0) for k, v in t.items()
+                       if k not in ("alpha", "on_input", "dora_scale"))
+        if algo == "lora":  # LoRA starts with lora_up = 0
+            zero = not bool(t["lora_up.weight"].float().abs().sum() > 0)
+        rows.append({"module": stem, "part": file_rules.part_of(stem) or "?",
+                     "algo": algo + ("+dora" if "dora_scale" in t else ""), "rank": rank,
+                     "alpha": alpha, "scale": scale,
+                     "norm": delta / scale if scale else delta, "delta": delta,
+                     "zero_up": zero or delta == 0.0})
     return rows
 
 
@@ -52,8 +70,11 @@ def summary(rows: list[dict]) -> list[str]:
         parts.setdefault(r["part"], []).append(r)
     for part, rs in parts.items():
         deltas = [r["delta"] for r in rs]
+        algos = sorted({r["algo"] for r in rs})
         lines.append(
-            f"{part}: {len(rs)} modules, ranks {sorted({r['rank'] for r in rs})}, alphas "
+            f"{part}: {len(rs)} modules"
+            + (f" ({', '.join(algos)})" if algos != ["lora"] else "")
+            + f", ranks {sorted({r['rank'] for r in rs})}, alphas "
             f"{sorted({r['alpha'] for r in rs})}, |delta| mean {sum(deltas) / len(deltas):.4g} "
             f"max {max(deltas):.4g}, never trained {sum(r['zero_up'] for r in rs)}")
     return lines
@@ -82,11 +103,15 @@ def check(path: Path, *, family: str | None = None, model: str | None = None,
     else:
         problems = file_rules.rule_problems(sd, fam, config.get("use_linear_projection"))
     rows = module_rows(sd)
+    if layout == "kohya" and file_rules.is_lycoris(sd):
+        layout = "lycoris"
     warnings = []
     zero = [r["module"] for r in rows if r["zero_up"]]
     if zero:
-        warnings.append(f"{len(zero)} of {len(rows)} modules never trained (lora_up is all "
-                        f"zeros): {zero[:5]}")
+        what = "lora_up is all zeros" if all(r["algo"] == "lora" for r in rows) else \
+            "their delta is zero"
+        warnings.append(f"{len(zero)} of {len(rows)} modules never trained ({what}): "
+                        f"{zero[:5]}")
     if layout == "peft":
         warnings.append("diffusers/peft layout: listed with alpha = rank; convert it with "
                         "tools/convert_lora.py --to kohya to check the file rules")
@@ -109,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not a.summary:
         width = max((len(r["module"]) for r in rows), default=10)
+        mixed = any(r["algo"] != "lora" for r in rows)
         print(f"{'module':<{width}}  {'rank':>4}  {'alpha':>8}  {'scale':>8}  "
-              f"{'|up@down|':>10}  {'|delta|':>10}")
+              f"{'|up@down|':>10}  {'|delta|':>10}" + ("  algo" if mixed else ""))
         for r in rows:
             flag = "  never trained" if r["zero_up"] else ""
+            algo = f"  {r['algo']}" if mixed else ""
             print(f"{r['module']:<{width}}  {r['rank']:>4}  {r['alpha']:>8.4g}  "
-                  f"{r['scale']:>8.4g}  {r['norm']:>10.4g}  {r['delta']:>10.4g}{flag}")
+                  f"{r['scale']:>8.4g}  {r['norm']:>10.4g}  {r['delta']:>10.4g}{algo}{flag}")
         print()
     print(f"{a.file} ({fam}, {len(rows)} modules)")
     for line in summary(rows):
@@ -126,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"{len(problems)} rule(s) of the kohya LoRA format broken; see docs/FORMATS.md")
         return 1
+    if layout == "lycoris":
+        print("ok: a LyCORIS file (A1111, Forge, ComfyUI and LyCORIS load it; diffusers does "
+              "not: tools/convert_lora.py --to lora exports a plain LoRA)")
+        return 0
     print("ok: follows the kohya LoRA format rules" if layout == "kohya" else
           "format rules not checked (diffusers/peft layout)")
     return 0

@@ -75,6 +75,26 @@ def _config(cfg) -> list[str]:
     return lines
 
 
+def describe_network(meta: dict[str, str]) -> str | None:
+    """One line naming the network: plain LoRA, or the LyCORIS algorithm and its options
+    (ss_network_module = lycoris.kohya, ss_network_args)."""
+    module = meta.get("ss_network_module")
+    if not module:
+        return None
+    args = parsed(meta.get("ss_network_args", "{}"))
+    args = args if isinstance(args, dict) else {}
+    dim, alpha = meta.get("ss_network_dim", "?"), meta.get("ss_network_alpha", "?")
+    if module == "lycoris.kohya":
+        algo = str(args.get("algo", "lora"))
+        names = {"lora": "LoCon", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr",
+                 "full": "full (diff)", "ia3": "(IA)3"}
+        extra = [f"{k}={args[k]}" for k in ("preset", "factor", "conv_dim", "conv_alpha",
+                                             "use_tucker", "dora_wd") if k in args]
+        return (f"network: LyCORIS {names.get(algo, algo)} (lycoris.kohya, algo={algo}), "
+                f"dim {dim}, alpha {alpha}" + (", " + ", ".join(extra) if extra else ""))
+    return f"network: {module}, dim {dim}, alpha {alpha}"
+
+
 def format_metadata(meta: dict[str, str], tensors: int) -> str:
     groups = {"kohya (ss_*)": {}, "modelspec": {}, "hashes": {}, "other": {}}
     for k in sorted(meta):
@@ -87,6 +107,9 @@ def format_metadata(meta: dict[str, str], tensors: int) -> str:
         else:
             groups["other"][k] = meta[k]
     lines = [f"{tensors} tensors, {len(meta)} metadata keys"]
+    network = describe_network(meta)
+    if network:
+        lines.append(network)
     for title, items in groups.items():
         if not items:
             continue

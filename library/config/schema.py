@@ -276,8 +276,15 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    network_module: str = opt("networks.lora", "LoRA implementation.",
-                              choices=("networks.lora",))
+    network_module: str = opt("networks.lora", "Network implementation: networks.lora "
+                              "(kohya's LoRA/LoCon targets) or lycoris.kohya (LyCORIS's "
+                              "algo= and preset= network_args; docs/FORMATS.md).",
+                              choices=("networks.lora", "lycoris.kohya"))
+    network_type: Optional[str] = opt(None, "Adapter algorithm: lora (= locon), loha, lokr, "
+                                      "full, ia3; unset: lora, or network_args algo= with "
+                                      "lycoris.kohya. DoRA: network_args dora_wd = true.",
+                                      choices=("lora", "locon", "loha", "lokr", "full",
+                                               "ia3"))
     network_dim: int = opt(4, "LoRA rank.", aliases=("rank",), minimum=1)
     network_alpha: Optional[float] = opt(
         None, "LoRA alpha; the update is scaled by alpha/rank. Unset means alpha = rank "

@@ -32,6 +32,20 @@ MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_netwo
 MODELSPEC_KEYS = ("author", "description", "license", "tags")
 
 
+def network_identity(lo) -> tuple[str, dict]:
+    """(ss_network_module, ss_network_args): a LyCORIS algorithm chosen with [lora]
+    network_type is written as LyCORIS writes it (lycoris.kohya, algo=...), so loaders and
+    tools that read the metadata know the file."""
+    args = dict(lo.network_args)
+    algo = lo.network_type
+    if algo in (None, "lora", "locon") and lo.network_module == "networks.lora" and \
+            not args.get("dora_wd") and not args.get("use_tucker"):
+        return lo.network_module, args
+    if algo is not None:
+        args = {"algo": {"lora": "locon"}.get(algo, algo), **args}
+    return "lycoris.kohya", args
+
+
 def build_metadata(cfg, family, *, steps: int, epoch: int, num_images: int,
                    resolution: tuple[int, int], tag_frequency: dict, bucket_info: dict,
                    seed: int, title: str | None = None) -> dict[str, str]:
@@ -41,11 +55,12 @@ def build_metadata(cfg, family, *, steps: int, epoch: int, num_images: int,
     `no_metadata` keeps only MINIMUM_KEYS and modelspec.*."""
     lo, opt, sv = cfg.lora, cfg.optimizer, cfg.saving
     alpha = lo.network_alpha if lo.network_alpha is not None else lo.network_dim
+    module, net_args = network_identity(lo)
     meta = {
-        "ss_network_module": lo.network_module,
+        "ss_network_module": module,
         "ss_network_dim": lo.network_dim,
         "ss_network_alpha": alpha,
-        "ss_network_args": json.dumps(lo.network_args),
+        "ss_network_args": json.dumps(net_args),
         "ss_base_model_version": family.base_model_version,
         "ss_sd_model_name": Path(cfg.model.pretrained_model_name_or_path).name,
         "ss_resolution": f"({resolution[0]}, {resolution[1]})",

@@ -83,9 +83,14 @@ def batch_qkv_lora(unet: torch.nn.Module, network) -> str:
         names = ("to_k", "to_v") if kind == "cross" else ("to_q", "to_k", "to_v")
         members = [by_base.get(id(getattr(attn, n, None))) for n in names]
         if all(m is not None and m._shared is None and not m.module_dropout
+               and m.spec.algo == "lora" and not m.spec.dora
                and isinstance(m.lora_down, torch.nn.Linear) for m in members):
             network.share_input(members)
             counts[kind] += 1
+    if network.algos != {"lora"} or any(m.spec.dora for m in network):
+        return ("batch_qkv_lora: skipped (it batches plain LoRA down projections; this "
+                f"network is {'/'.join(sorted(network.algos))}"
+                f"{' with DoRA' if any(m.spec.dora for m in network) else ''})")
     return (f"batched LoRA down projections: q/k/v of {counts['self']} self-attention and "
             f"k/v of {counts['cross']} cross-attention layers")
 

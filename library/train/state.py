@@ -99,7 +99,8 @@ def save_state(folder: Path, *, network, optimizer, lr_scheduler, scaler, positi
         "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states(),
         "generators": {k: g.get_state() for k, g in (generators or {}).items()}})
     files = {
-        "lora.safetensors": save_tensors(network.kohya_state_dict(torch.float32)),
+        # raw: LyCORIS's use_scalar kept apart from the weights, so a resume is exact
+        "lora.safetensors": save_tensors(network.kohya_state_dict(torch.float32, raw=True)),
         "training.safetensors": save_tensors(tensors),
         "training.json": json.dumps(blob).encode(),
         "state.json": json.dumps({"version": STATE_VERSION, **asdict(position),

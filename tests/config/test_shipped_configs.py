@@ -18,13 +18,14 @@ SEED_002_PROMPTS = CONFIGS / "examples" / "seed_002_sample_prompts.txt"
 
 # Every shipped config, relative to configs/. Adding a config: add it here and bump the count.
 SHIPPED = [
+    "examples/sdxl_lokr_character.toml",
     "examples/seed_002_sdxl.toml",
     "examples/tiny_demo.toml",
     "presets/fast.toml",
     "presets/fast_compile.toml",
     "presets/lowmem.toml",
 ]
-SHIPPED_COUNT = 5
+SHIPPED_COUNT = 6
 PLANNED_REASON = "sampling lands with issue 8"
 
 

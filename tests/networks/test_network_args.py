@@ -122,3 +122,46 @@ def test_rank_spec_per_block_tables():
     assert spec.include_conv and spec.conv_block_dims == (1,) * 23
     assert spec.for_module(False, 4) == (4, 2.0) and spec.for_module(True, 4) == (1, None)
     assert spec.for_module(False, -1) == (8, None)  # outside the blocks: network_dim
+
+
+# ---- LyCORIS (network_module = "lycoris.kohya") ---------------------------------------------
+
+def test_lycoris_args_as_kohya_ss_writes_them():
+    from networks.adapters.base import AdapterSpec
+    a = parse_network_args({"algo": "lokr", "factor": 8, "conv_dim": 4, "conv_alpha": 1,
+                            "preset": "full", "dora_wd": "True", "use_tucker": False,
+                            "use_scalar": "false", "rank_dropout": 0.1, "module_dropout": 0,
+                            "train_norm": False, "decompose_both": True,
+                            "rank_dropout_scale": True, "bypass_mode": True},
+                           "sdxl", "lycoris.kohya")
+    assert a.spec == AdapterSpec("lokr", factor=8, dora=True, decompose_both=True,
+                                 rank_dropout_scale=True)
+    assert a.preset == "full" and a.conv_dim == 4 and a.rank_dropout == 0.1
+    assert any("bypass_mode" in w for w in a.warnings)
+    assert parse_network_args({}, "sd15", "lycoris.kohya").preset == "full"
+    assert parse_network_args({"use_cp": True}, "sd15", "lycoris.kohya").spec.use_tucker
+    assert parse_network_args({"conv_alpha": 0}, "sd15", "lycoris.kohya").conv_alpha is None
+
+
+def test_network_type_is_the_plain_spelling():
+    a = parse_network_args({"factor": 4}, "sd15", network_type="lokr")
+    assert a.spec.algo == "lokr" and a.spec.factor == 4 and a.preset is None
+    assert parse_network_args({}, "sd15", network_type="locon").spec.algo == "lora"
+
+
+@pytest.mark.parametrize("raw,module,network_type,message", [
+    ({"algo": "loha"}, "networks.lora", None, "unknown key 'algo' (set network_module"),
+    ({"preset": "full"}, "networks.lora", None, "preset: needs network_module"),
+    ({"algo": "loha"}, "lycoris.kohya", "lokr", "algo=loha contradicts [lora] network_type"),
+    ({"algo": "boft"}, "lycoris.kohya", None, "algo: BOFT is not supported"),
+    ({"constraint": 0.1}, "lycoris.kohya", None, "constraint: only LyCORIS's OFT/BOFT"),
+    ({"down_lr_weight": "sine"}, "lycoris.kohya", None, "down_lr_weight: a networks.lora"),
+    ({"algo": "full", "dora_wd": True}, "lycoris.kohya", None, "DoRA applies to"),
+    ({"use_tucker": "maybe"}, "lycoris.kohya", None, "use_tucker: expected true or false"),
+    ({"preset": "my_preset.toml"}, "lycoris.kohya", None, "preset files are not supported"),
+    ({"factr": 4}, "lycoris.kohya", None, "did you mean factor?"),
+])
+def test_lycoris_arg_errors_name_the_arg(raw, module, network_type, message):
+    with pytest.raises(NetworkArgsError) as e:
+        parse_network_args(raw, "sd15", module, network_type)
+    assert message in str(e.value), str(e.value)

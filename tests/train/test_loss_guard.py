@@ -125,6 +125,29 @@ def test_option_keeps_the_fp32_loss_curve(name, tmp_path, tiny_sd15_dir, guard_d
           ref_flags[0] if ref_flags else None)
 
 
+# One case per adapter algorithm: an option that only reorders arithmetic
+# (gradient_checkpointing) against the same algorithm's eager fp32 run.
+ALGOS = {
+    "loha": ["--network_type", "loha", "--network_args", "conv_dim=2"],
+    "lokr": ["--network_module", "lycoris.kohya", "--network_args", "algo=lokr", "factor=4",
+             "preset=attn-mlp"],
+    "dora": ["--network_args", "dora_wd=True"],
+    "ia3": ["--network_module", "lycoris.kohya", "--network_args", "algo=ia3", "preset=ia3"],
+    "full": ["--network_module", "lycoris.kohya", "--network_args", "algo=full",
+             "preset=unet-transformer-only"],
+    "locon tucker": ["--network_module", "lycoris.kohya", "--network_args", "algo=locon",
+                     "use_tucker=True", "conv_dim=2", "preset=full"],
+}
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_algorithm_keeps_the_fp32_loss_curve(algo, tmp_path, tiny_sd15_dir, guard_data,
+                                             reference):
+    flags = ALGOS[algo]
+    check(f"{algo}: gradient_checkpointing", FP32_TOL, tmp_path, tiny_sd15_dir, guard_data,
+          reference, [*flags, "--gradient_checkpointing"], flags)
+
+
 BF16 = ["--mixed_precision", "bf16"]
 GPU_OPTIONS = {
     "bf16 eager": ([], BF16_TOL),
@@ -153,6 +176,18 @@ GPU_OPTIONS = {
         (["--gradient_checkpointing", "--fp8_base", "--optimizer_type", "AdamW8bit",
           *EIGHT_BIT], APPROX_TOL),
 }
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_gpu_algorithm_keeps_the_fp32_loss_curve(algo, tmp_path, tiny_sd15_dir, guard_data,
+                                                 reference):
+    """bf16 + CUDA graphs + compile (+ fp8 base weights) with each algorithm, against its own
+    eager fp32 run."""
+    flags = ALGOS[algo]
+    check(f"{algo}: bf16 + cuda_graphs + compile + fp8_base", APPROX_TOL, tmp_path,
+          tiny_sd15_dir, guard_data, reference,
+          [*BF16, *flags, "--cuda_graphs", "--compile", "--fp8_base"], flags)
 
 
 @GPU_ONLY
