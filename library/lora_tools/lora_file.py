@@ -147,8 +147,8 @@ def _check_lora_module(stem: str, t: dict) -> None:
                          "but not the other")
     if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0] \
             or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
-        raise ValueError(f"module {stem}: lora_up {tuple(up.shape)} does not fit lora_down "
-                         f"{tuple(down.shape)}")
+        raise ValueError(f"module {stem}: lora_up {list(up.shape)} does not fit lora_down "
+                         f"{list(down.shape)}")
     a = t.get("alpha")
     if a is not None and (a.numel() != 1 or not float(a.float().reshape(())) > 0):
         raise ValueError(f"module {stem}: alpha {a.tolist()} is not one number > 0")
@@ -164,10 +164,14 @@ def to_kohya(sd: dict[str, torch.Tensor], meta: Mapping[str, str], family: str |
     except ValueError as e:
         if "unsupported LoRA variant" in str(e):
             return sd  # LyCORIS keys are kohya-style stems; the registry names the algorithm
-        raise
+        raise ValueError(f"not a LoRA file: {e}") from None
     if layout == "kohya":
         return sd
-    fam, config = layouts.resolve(sd, meta, family=family)
+    fam = family or layouts.family_of(sd, meta)
+    if fam is None:
+        raise ValueError("cannot tell whether this diffusers-layout LoRA is for SD1.5 or "
+                         "SDXL; pass --family sd15|sdxl")
+    config = layouts.STANDARD_UNET[fam]
     alphas = None
     if meta.get("tomlora_alphas"):
         alphas = json.loads(meta["tomlora_alphas"])
