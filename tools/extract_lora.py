@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="write only the minimum ss_* metadata (no sai modelspec)")
     for flag in ("--sdxl", "--v2", "--v_parameterization"):
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--load_precision", help=argparse.SUPPRESS)
+    # sd-scripts loads whole models and needs these; here tensors stream, so they do nothing
+    for flag in ("--load_precision", "--load_original_model_to", "--load_tuned_model_to"):
+        p.add_argument(flag, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     cli.add_precision(p, "float (fp32)")
     cli.add_device(p)

@@ -72,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
                    help="family of diffusers/peft LoRA files (default: from their keys)")
     p.add_argument("--no_metadata", action="store_true",
                    help="write only the minimum ss_* metadata")
+    p.add_argument("--lbws", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     cli.add_precision(p, "the base model's (merge into a model) or the LoRAs' precision")
     cli.add_device(p)
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None, *, svd_only: bool = False) -> int:
                              "merge_lora.py for an exact merge)")
         if a.concat and a.new_rank is not None:
             raise ValueError("--concat merges exactly; leave out --new_rank, or --concat")
+        if a.lbws:
+            raise ValueError("--lbws (per-block weights) is not supported; resize or merge "
+                             "whole LoRAs, or train with per-block network_args")
         loras = list(zip(a.models, _ratios(a)))
         if a.sd_model:
             if a.new_rank is not None:
