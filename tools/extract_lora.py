@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         write_kohya(out, tensors, meta)
         for line in cli.part_report(kept, "Frobenius retained"):
             print(line)
-        print(f"wrote {out} ({base.family}, {len(factors)} modules)")
+        n = sum(k.endswith(".alpha") for k in tensors)
+        print(f"wrote {out} ({base.family}, {n} modules)")
         return 0
 
     return cli.run("extract_lora", body)

@@ -181,7 +181,8 @@ def merge_loras(a, loras) -> int:
     errs = ml.errors(by_stem, tensors)
     for line in cli.part_report(errs, "relative error", worst="max"):
         print(line)
-    print(f"wrote {out} ({family}, {len(factors)} modules, {how})")
+    n = sum(k.endswith(".alpha") for k in tensors)
+    print(f"wrote {out} ({family}, {n} modules, {how})")
     return 0
 
 

@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         tensors = kohya_tensors(factors, dtype)
         write_kohya(out_path, tensors, carry_metadata(meta, note, **summary_dims(tensors)))
         if a.verbose:
-            for stem, (up, down, alpha) in factors.items():
-                print(f"{stem}: rank {down.shape[0]}, fro retained {kept[stem]:.4f}")
+            for stem in kept:
+                rank = tensors[f"{stem}.lora_down.weight"].shape[0]
+                print(f"{stem}: rank {rank}, fro retained {kept[stem]:.4f}")
         for line in cli.part_report(kept, "Frobenius retained"):
             print(line)
         print(f"wrote {out_path} ({note})")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from networks.file_rules import is_linear_like, modules, uniform_alphas
+from networks.file_rules import is_linear_like, modules, part_of
 from networks.kohya_file import write_lora
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32,
@@ -44,17 +45,29 @@ def file_dtype(tensors) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def kohya_tensors(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+def kohya_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """{stem: (up, down, alpha)} -> kohya state dict; alphas made uniform per part in fp32
-    (the delta of every module unchanged), then cast."""
-    sd = {}
+    """{stem: (up, down, alpha)} -> kohya state dict in `dtype`, with one alpha per part for
+    the Linear/1x1 modules (LORA_FORMAT.md): as networks.file_rules.uniform_alphas, the most
+    common alpha of the group is written and alpha_m / alpha_u is baked into lora_up in fp32
+    before the cast. `factors` is emptied module by module, so the fp32 factors and the
+    output never both exist whole (a rank-128 SDXL resize would otherwise hold both)."""
+    groups: dict[tuple[str, bool], list[float]] = {}
     for stem, (up, down, alpha) in factors.items():
-        sd[f"{stem}.lora_down.weight"] = down.float()
-        sd[f"{stem}.lora_up.weight"] = up.float()
-        sd[f"{stem}.alpha"] = torch.tensor(float(alpha))
-    sd = uniform_alphas(sd)
-    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+        groups.setdefault((part_of(stem), is_linear_like(down)), []).append(float(alpha))
+    common = {g: Counter(a).most_common(1)[0][0] for g, a in groups.items()}
+    sd = {}
+    for stem in list(factors):
+        up, down, alpha = factors.pop(stem)
+        linear = is_linear_like(down)
+        target = common[(part_of(stem), linear)] if linear else float(alpha)
+        if float(alpha) != target:
+            up = up.float() * (float(alpha) / target)
+        sd[f"{stem}.lora_down.weight"] = down.to(dtype).contiguous()
+        sd[f"{stem}.lora_up.weight"] = up.to(dtype).contiguous()
+        sd[f"{stem}.alpha"] = torch.tensor(target, dtype=dtype)
+        del up, down
+    return sd
 
 
 def summary_dims(sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
