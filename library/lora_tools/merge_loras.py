@@ -113,15 +113,29 @@ def merge_svd(by_stem: dict, new_rank: int, new_conv_rank: int, *,
     return out
 
 
+def _gram(u1, d1, u2, d2) -> float:
+    """<u1 @ d1, u2 @ d2> (Frobenius) from r x r products, in float64."""
+    return float(((u1.T @ u2) * (d1 @ d2.T)).sum())
+
+
 def errors(by_stem: dict, written: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Relative Frobenius error of each written module against the exact sum of deltas."""
+    """Relative Frobenius error of each written module against the exact sum of deltas.
+    For LoRA modules it is computed from the factors (||A - B||^2 = ||A||^2 + ||B||^2 -
+    2 <A, B>, each an r x r product), never forming the full matrices."""
     from library.lora_tools.svd import relative_error
     out = {}
     for stem, items in by_stem.items():
         down = written[f"{stem}.lora_down.weight"]
-        alpha = float(written[f"{stem}.alpha"].float())
-        out[stem] = relative_error(exact_delta(items), written[f"{stem}.lora_up.weight"],
-                                   down, alpha / down.shape[0])
+        up = written[f"{stem}.lora_up.weight"]
+        scale = float(written[f"{stem}.alpha"].float()) / down.shape[0]
+        if not all(m.is_lora for m, _, _ in items):
+            out[stem] = relative_error(exact_delta(items), up, down, scale)
+            continue
+        ua, da = (t.double().flatten(1) for t in stacked(items))
+        ub, db = up.double().flatten(1) * scale, down.double().flatten(1)
+        aa, bb, ab = _gram(ua, da, ua, da), _gram(ub, db, ub, db), _gram(ua, da, ub, db)
+        err = max(aa + bb - 2 * ab, 0.0) ** 0.5
+        out[stem] = err / aa ** 0.5 if aa > 0 else err
     return out
 
 

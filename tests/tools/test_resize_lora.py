@@ -155,3 +155,12 @@ def test_bad_inputs_exit_2_and_write_nothing(loras, tmp_path, tiny_sd15_dir, cap
         assert str(src) in err
     assert (out.read_bytes() == b"keep me") if case == "exists" else not out.exists()
     assert not list(tmp_path.glob(".out*"))
+
+
+def test_quantile_by_selection_equals_torch_quantile():
+    from library.lora_tools.svd import quantile
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 1000):
+        x = torch.randn(n, generator=g)
+        for q in (0.0, 0.5, 0.99, 1.0):
+            torch.testing.assert_close(quantile(x, q), torch.quantile(x, q))
