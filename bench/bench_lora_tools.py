@@ -11,6 +11,7 @@ set size and the wall time:
     extract_lora a rank-32 LoRA from (base, merged)      [--skip_extract leaves it out]
     resize_lora  rank 32 -> 8, and dynamic sv_fro 0.9
     merge_lora   the two LoRAs into one, exact; svd_merge_lora to rank 32
+    extract      one module of each shape timed, times the count (--estimate_extract)
 
     python bench/bench_lora_tools.py --workdir /tmp/lora_tools_bench [--json out.json]
 
@@ -99,6 +100,32 @@ def build_lora(path: Path, checkpoint: Path, rank: int, seed: int) -> int:
     return path.stat().st_size
 
 
+def extract_estimate(base: Path, tuned: Path, dim: int, device: str | None) -> dict:
+    """The extract step timed on one module of each distinct shape (exact SVD, as the tool
+    does it), times the number of modules of that shape: a whole SDXL extraction on a busy
+    2-core machine takes longer than a benchmark session. Memory per module does not depend
+    on how many came before, so the peak RSS of this process is the tool's."""
+    from library.lora_tools import extract as ex
+    from library.lora_tools.model_files import open_model
+    from library.lora_tools.svd import default_device, low_rank
+    device = default_device(device)
+    b, t = open_model(base), open_model(tuned)
+    stems = ex.targets(b, conv=False)
+    by_shape: dict[tuple, list[str]] = {}
+    for stem in stems:
+        by_shape.setdefault(tuple(b.slots[stem][0].shape), []).append(stem)
+    rows, total = [], 0.0
+    for shape, group in sorted(by_shape.items()):
+        t0 = time.time()
+        d = ex.diff(b, t, group[0], device)
+        low_rank(d, dim, clamp_quantile=0.99, device=device)
+        sec = time.time() - t0
+        total += sec * len(group)
+        rows.append({"shape": list(shape), "modules": len(group), "s_per_module": round(sec, 2)})
+    return {"modules": len(stems), "estimated_s": round(total), "device": device,
+            "per_shape": rows}
+
+
 def timed(name: str, cmd: list[str], env: dict) -> dict:
     """Run one tool under /usr/bin/time -v: its peak RSS (MiB), wall seconds, exit code."""
     t0 = time.time()
@@ -111,6 +138,9 @@ def timed(name: str, cmd: list[str], env: dict) -> dict:
            "command": " ".join(Path(c).name if c.startswith("/") else c for c in cmd[1:])}
     if proc.returncode:
         row["stderr_tail"] = proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if lines:
+        row["result"] = json.loads(lines[-1])
     print(json.dumps(row), flush=True)
     return row
 
@@ -123,7 +153,13 @@ def main(argv=None) -> int:
     p.add_argument("--skip_extract", action="store_true")
     p.add_argument("--device", default=None, help="--device for the tools (SVDs)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--estimate_extract", nargs=2, type=Path, metavar=("BASE", "TUNED"),
+                   help="only time extract_lora's per-module step on each distinct shape "
+                        "of these two checkpoints and print the estimate (JSON)")
     a = p.parse_args(argv)
+    if a.estimate_extract:
+        print(json.dumps(extract_estimate(*a.estimate_extract, 32, a.device)))
+        return 0
     wd = a.workdir
     wd.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -158,6 +194,9 @@ def main(argv=None) -> int:
              str(lora2), "--ratios", "0.8", "0.5", "--new_rank", "32", "--save_to",
              str(wd / "svd.safetensors"), "--quiet", *dev]),
         ]
+        runs.append(("extract_lora dim 32, estimate", [py, "bench/bench_lora_tools.py",
+                     "--workdir", str(wd), "--estimate_extract", str(base),
+                     str(wd / "merged.safetensors"), *dev]))
         if not a.skip_extract:
             runs.append(("extract_lora dim 32", [py, "tools/extract_lora.py", "--model_org",
                          str(base), "--model_tuned", str(wd / "merged.safetensors"),

@@ -93,7 +93,13 @@ def low_rank(delta: torch.Tensor, limit: int, *, method: str | None = None,
              device: str | torch.device = "cpu") -> Factors:
     """Factors (fp32, on the CPU) with up.flatten(1) @ down.flatten(1) ~ delta.flatten(1)."""
     mat = delta.to(device=device, dtype=torch.float32).flatten(1)
-    U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
+    if mat.shape[0] < mat.shape[1]:
+        # LAPACK is ~3x slower on wide matrices (1280 x 5120: 17 s vs 6 s on one CPU core):
+        # factor the transpose and swap the sides
+        V, S, Uh = torch.linalg.svd(mat.T, full_matrices=False)
+        U, Vh = Uh.T, V.T
+    else:
+        U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
     return _truncate(U, S, Vh, delta.shape, limit, method, param, clamp_quantile)
 
 
