@@ -79,23 +79,18 @@ def canonical_stem(stem: str, model: BaseModel) -> str | None:
 # ---- single files ---------------------------------------------------------------------------
 def unet_config_from_ldm(keys) -> dict:
     """The topology fields of a UNet2DConditionModel config from LDM key names."""
-    sub: dict[str, set[str]] = {}
+    sub: dict[str, set[str]] = {}  # "input_blocks.4.1" -> {"proj_in.weight", ...}
     for k in keys:
         if k.startswith(UNET):
             parts = k[len(UNET):].split(".")
-            if parts[0] in ("input_blocks", "output_blocks", "middle_block") and len(parts) > 3:
-                sub.setdefault(".".join(parts[:3]) if parts[0] != "middle_block"
-                               else ".".join(parts[:2]), set()).add(".".join(parts[3:]))
+            if parts[0] in ("input_blocks", "output_blocks") and len(parts) > 3:
+                sub.setdefault(".".join(parts[:3]), set()).add(".".join(parts[3:]))
     if not any(k.startswith("input_blocks.") for k in sub):
         raise ValueError("no UNet input_blocks found")
 
     def depth(unit: str) -> int:
-        blocks = {int(r.split(".")[1]) for r in sub.get(unit, ()) if
-                  r.startswith("transformer_blocks.")}
-        # middle_block keys have the depth one level up
-        blocks |= {int(r.split(".")[2]) for r in sub.get(unit.rsplit(".", 1)[0], ())
-                   if r.startswith(f"{unit.rsplit('.', 1)[1]}.transformer_blocks.")}
-        return len(blocks)
+        return len({r.split(".")[1] for r in sub.get(unit, ())
+                    if r.startswith("transformer_blocks.")})
 
     def is_attention(unit: str) -> bool:
         return any(r.startswith(("transformer_blocks.", "proj_in.")) for r in sub.get(unit, ()))
@@ -139,8 +134,15 @@ def _open_single_file(path: Path) -> BaseModel:
         family = family_of_checkpoint(shapes, path)
     except ModelLoadError as e:
         raise ValueError(str(e).replace("pretrained_model_name_or_path: ", "")) from None
-    config = unet_config_from_ldm(shapes)
-    model = BaseModel(path, "single_file", family, config, [path], lazy={path: lazy})
+    model = BaseModel(path, "single_file", family, unet_config_from_ldm(shapes), [path],
+                      lazy={path: lazy})
+    add_ldm_slots(model, shapes)
+    return model
+
+
+def add_ldm_slots(model: BaseModel, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The slots of an LDM-layout single file from its {key: shape}."""
+    path, family, config = model.root, model.family, model.unet_config
     for key, shape in shapes.items():
         if key.startswith(UNET) and key.endswith(".weight") and len(shape) in (2, 4):
             ldm = key[len(UNET):-len(".weight")]
@@ -177,7 +179,6 @@ def _open_single_file(path: Path) -> BaseModel:
                     proj = _OPEN_CLIP_NAMES[name]
                     stem = formats.te_module_to_kohya(layer, proj, "lora_te2")
                     model.add(stem, Slot(path, key, None, shape, f"{component}.{layer}.{proj}"))
-    return model
 
 
 # ---- diffusers folders ----------------------------------------------------------------------

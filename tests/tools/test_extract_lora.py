@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from networks.kohya_file import read_lora
-from tests.networks.helpers import (assert_outputs_close, encoders, file_modules,  # noqa: F401
+from tests.networks.helpers import (assert_outputs_close, file_modules,  # noqa: F401
                                     load_pipe, one_thread, outputs, peft_layers)
 from tests.tools.lora_fixtures import deltas, loras, single_files  # noqa: F401
 from tools import extract_lora, merge_lora

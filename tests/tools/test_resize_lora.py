@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from library.lora_tools.svd import choose_rank
 from networks.kohya_file import read_lora
 from tests.networks.helpers import one_thread  # noqa: F401
-from tests.tools.lora_fixtures import deltas, loras, sd_scripts_style  # noqa: F401
+from tests.tools.lora_fixtures import deltas, loras  # noqa: F401
 from tools import resize_lora
 
 
