@@ -89,6 +89,7 @@ class Module:
     stem: str
     tensors: dict[str, torch.Tensor]
     algorithm: Algorithm
+    source: str = ""  # the file, for error messages
 
     @property
     def is_lora(self) -> bool:
@@ -125,11 +126,21 @@ class Module:
         return (self.up.shape[0], *self.down.shape[1:])
 
     def delta(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The full fp32 delta of this module (scale included)."""
+        """The full fp32 delta of this module (scale included); a ValueError names the file
+        and the module. `base_weight` (fp32) is given where the tool has the model (DoRA
+        needs it)."""
+        where = f"{self.source}: module {self.stem}"
         if self.algorithm.delta is None:
-            raise ValueError(f"{self.algorithm.name} file: not supported by this tool yet "
-                             "(plain LoRA and LoCon files are)")
-        return self.algorithm.delta(self.tensors, base_weight)
+            raise ValueError(f"{where}: {self.algorithm.name} file: not supported by this "
+                             "tool yet (plain LoRA and LoCon files are)")
+        try:
+            delta = self.algorithm.delta(self.tensors, base_weight)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"{where}: {self.algorithm.name}: {e}") from None
+        if base_weight is not None and delta.numel() != base_weight.numel():
+            raise ValueError(f"{where}: its delta has {list(delta.shape)} but the model's "
+                             f"weight is {list(base_weight.shape)} (a LoRA for another model?)")
+        return delta.float()
 
 
 def group(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -202,7 +213,7 @@ def read_modules(path: str | Path, *, family: str | None = None,
                                  "checkpoint?)")
             if algo.name == "LoRA":
                 _check_lora_module(stem, tensors)
-            modules[stem] = Module(stem, tensors, algo)
+            modules[stem] = Module(stem, tensors, algo, str(path))
         if not modules:
             raise ValueError("holds no tensors")
         odd = sorted({m.algorithm.name for m in modules.values() if m.algorithm.delta is None})

@@ -80,11 +80,7 @@ def merged_tensor(t: torch.Tensor, changes: list[Change], device: str = "cpu"
     for c in changes:
         rows = slice(*c.slot.rows) if c.slot.rows else slice(None)
         part = w[rows]
-        try:
-            delta = c.module.delta(part)
-        except ValueError as e:
-            raise ValueError(f"{c.source}: module {c.module.stem}: {e}") from None
-        part += c.ratio * delta.to(device).reshape(part.shape)
+        part += c.ratio * c.module.delta(part).to(device).reshape(part.shape)
     return w.to(t.dtype).cpu()
 
 

@@ -164,3 +164,30 @@ def test_quantile_by_selection_equals_torch_quantile():
         x = torch.randn(n, generator=g)
         for q in (0.0, 0.5, 0.99, 1.0):
             torch.testing.assert_close(quantile(x, q), torch.quantile(x, q))
+
+
+def test_other_algorithms_plug_in_and_resize_to_plain_lora(tmp_path, monkeypatch):
+    """The registry the LyCORIS adapters plug into: once LoHa has a delta function, a LoHa
+    file resizes to a plain LoRA with the same delta."""
+    from library.lora_tools import lora_file
+    loha = next(a for a in lora_file.ALGORITHMS if a.name == "LoHa")
+
+    def loha_delta(t, base_weight=None):
+        w1 = t["hada_w1_a"].float() @ t["hada_w1_b"].float()
+        w2 = t["hada_w2_a"].float() @ t["hada_w2_b"].float()
+        return w1 * w2 * (float(t["alpha"]) / t["hada_w1_b"].shape[0])
+
+    monkeypatch.setattr(loha, "delta", loha_delta)
+    g = torch.Generator().manual_seed(0)
+    stem = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    t = {f"{stem}.hada_w1_a": torch.randn(16, 2, generator=g),
+         f"{stem}.hada_w1_b": torch.randn(2, 8, generator=g),
+         f"{stem}.hada_w2_a": torch.randn(16, 2, generator=g),
+         f"{stem}.hada_w2_b": torch.randn(2, 8, generator=g), f"{stem}.alpha": torch.tensor(1.0)}
+    src = tmp_path / "loha.safetensors"
+    save_file(t, str(src))
+    out = tmp_path / "lora.safetensors"
+    assert resize_lora.main(["--model", str(src), "--save_to", str(out), "--new_rank", "8",
+                             "--quiet"]) == 0
+    want = loha_delta({k.split(".", 1)[1]: v for k, v in t.items()})
+    torch.testing.assert_close(deltas(out)[stem], want, rtol=1e-4, atol=1e-5)
