@@ -2,8 +2,10 @@
 
 A state folder holds `lora.safetensors` (fp32 master weights, kohya keys), `training.pt`
 (optimizer / scheduler / grad-scaler state dicts and RNG states, loaded with
-`weights_only=False` only from folders we wrote) and `state.json` (step, epoch, batches done
-in the epoch, seed, config fingerprint and the fingerprinted config). It is written to a temporary sibling and swapped in
+`weights_only=False` only from folders we wrote), `state.json` (step, epoch, batches done
+in the epoch, seed, config fingerprint and the fingerprinted config) and, when the run has
+any, `extra.safetensors`: named tensors of other parts of the run (the EMA of the LoRA
+weights), read back with `read_extra_tensors`. It is written to a temporary sibling and swapped in
 by rename, so a crash leaves either the old state or the new one, never a mix.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_VERSION = 1
+EXTRA_FILE = "extra.safetensors"
 
 
 @dataclass(frozen=True)
@@ -47,14 +50,19 @@ def set_rng_states(states: dict) -> None:
 
 def save_state(folder: Path, *, network, optimizer, lr_scheduler, scaler, position: Position,
                fingerprint: str, generators: dict | None = None,
-               config: dict | None = None) -> Path:
-    """`config` (the fingerprinted keys) lets a changed resume name the keys that differ."""
+               config: dict | None = None,
+               extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """`config` (the fingerprinted keys) lets a changed resume name the keys that differ;
+    `extra_tensors` are saved as they are (fp32 stays fp32) in extra.safetensors."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(network.kohya_state_dict(torch.float32), str(tmp / "lora.safetensors"))
+    if extra_tensors:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in extra_tensors.items()},
+                  str(tmp / EXTRA_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_states(),
@@ -141,3 +149,9 @@ def load_state(folder: Path, *, network, optimizer, lr_scheduler, scaler,
         if name in blob.get("generators", {}):
             g.set_state(blob["generators"][name])
     return position
+
+
+def read_extra_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The `extra_tensors` a state was saved with (empty when it had none)."""
+    path = Path(folder) / EXTRA_FILE
+    return load_file(str(path)) if path.is_file() else {}
