@@ -25,6 +25,7 @@ one backward, not two.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from dataclasses import dataclass
 from typing import Iterator
@@ -32,6 +33,7 @@ from typing import Iterator
 import torch
 
 _REPEAT_DIR = re.compile(r"^\d+_(.*)$")
+log = logging.getLogger("tomlora")
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,13 @@ class Preservation:
 
 def make_preservation(prompts: ClassPrompts | None, training_cfg, network, conditioning
                       ) -> Preservation | None:
-    return None if prompts is None else Preservation(
-        prompts, training_cfg.preservation_weight, network, conditioning)
+    if prompts is None:
+        return None
+    what = f"the prompt {prompts.prompt!r}" if prompts.prompt is not None else \
+        f"each caption with {prompts.trigger!r} replaced by {prompts.klass!r}"
+    log.info(f"output preservation (weight {training_cfg.preservation_weight}): the base "
+             f"model's prediction for {what}")
+    return Preservation(prompts, training_cfg.preservation_weight, network, conditioning)
 
 
 def doubled(batch: dict, keep: frozenset) -> dict:
