@@ -55,6 +55,7 @@ def replace_trigger(caption: str, trigger: str, klass: str) -> str:
     out = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", klass, caption)
     if not klass:
         out = re.sub(r"\s*,\s*(,\s*)+", ", ", out)
+        out = re.sub(r"\s+,", ",", out)
         out = re.sub(r"\s{2,}", " ", out).strip(" ,")
     return out
 
