@@ -38,6 +38,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "neither": (NO_REG, "no reg images, no preservation"),
     "preservation": (NO_REG + ["--preservation_weight", "1.0"],
                      "no reg images, preservation_weight 1 (class prompt: trigger -> 'toy')"),
+    "preservation_w4": (NO_REG + ["--preservation_weight", "4.0"],
+                        "no reg images, preservation_weight 4"),
     "logit_normal": (["--timestep_sampling", "logit_normal"], "plain, logit_normal(0, 1)"),
     "mode": (["--timestep_sampling", "mode"], "plain, mode (scale 1.29)"),
     "sigmoid": (["--timestep_sampling", "sigmoid", "--sigmoid_scale", "2.0"],
