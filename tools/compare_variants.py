@@ -79,6 +79,8 @@ def run_one(job: dict) -> dict:
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
+    if job["device"] == "cpu":  # train on the CPU too: many tiny runs share one GPU badly
+        env["CUDA_VISIBLE_DEVICES"] = ""
     started = time.time()
     with open(out / "train.log", "w") as log:
         rc = subprocess.run(job["cmd"], cwd=ROOT, env=env, stdout=log,
@@ -89,13 +91,16 @@ def run_one(job: dict) -> dict:
     if rc != 0:
         result["log_tail"] = (out / "train.log").read_text()[-2000:]
         return result
-    from tools.learning_report import lora_effect
+    from tools.learning_report import lora_effect, prediction_shift
+    lora = out / "out" / "zorblat.safetensors"
+    shift = prediction_shift(job["model"], lora, device=job["device"])
     e = lora_effect(job["model"], out / "out" / "zorblat.safetensors",
                     n_trigger=job["n"], n_plain=job["n"], seed=1000 + 100 * job["seed"],
                     device=job["device"])
     result.update(concept_before=e.concept_before, concept_after=e.concept_after,
                   plain_diff=e.plain_diff, unrelated_diff=e.unrelated_diff,
                   plain_agreement=e.plain_agreement, n=job["n"],
+                  shift_plain=shift["plain"], shift_class=shift["class"],
                   measure_s=round(time.time() - started - trained, 1))
     return result
 
@@ -141,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=12, help="trigger and plain samples per run")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per run")
-    ap.add_argument("--device", default="cpu", help="device of the measurement renders "
-                    "(training uses CUDA when there is one)")
+    ap.add_argument("--device", default="cpu", help="cpu: train and measure on the CPU "
+                    "(default; hides the GPUs from the runs); cuda: training and measurement "
+                    "on the GPU (14 parallel tiny runs on one H100 trained slower than the "
+                    "CPU does)")
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--work", default="variants", help="folder for datasets and runs")
     ap.add_argument("--out", default=None, help="JSON file for every figure")
