@@ -39,9 +39,11 @@ from library.train.sampling import Sampler, sample_prompts
 from library.train.checkpoints import Checkpointer, existing_saves
 from library.train.conditioning import LatentEncoder, TextConditioner
 from library.train.distributed import average_gradients, loss_share, shard
+from library.train.ema import make_ema
 from library.train.saving import bucket_info, build_metadata, config_json, fingerprint, \
     save_lora, tag_frequency
 from library.train.noise import apply_zero_terminal_snr
+from library.train.preservation import class_prompts, make_preservation
 from library.train.schedulers import scheduler_from_config
 from library.train.speed import configure_speed, step_begin, training_unet
 from library.train.step import LossSettings, batch_to_device, diffusion_loss, \
@@ -175,6 +177,10 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
         return fail("Sample prompt error", [str(e)])
     try:  # initial_step / initial_epoch
         start = start_position(cfg.training, seed, steps_per_epoch, accum, total_steps)
+    except ValueError as e:
+        return fail("Configuration error", [str(e)])
+    try:  # preservation_weight: trigger and class from the folder names (docs/TRAINING.md)
+        preservation_prompts = class_prompts(cfg.training, items)
     except ValueError as e:
         return fail("Configuration error", [str(e)])
     problems = preflight_problems(cfg, model_dir, family, net_args)  # outputs, ranks, files
@@ -313,6 +319,8 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
         log.info(f"resumed from {cfg.saving.resume} at step {position.step}")
     elif start:
         log.info(f"starting at step {start.step} (initial_step / initial_epoch)")
+    ema = make_ema(cfg.training, network, cfg.saving.resume)  # ema_decay (library/train/ema.py)
+    preservation = make_preservation(preservation_prompts, cfg.training, network, conditioning)
 
     # ---- 6. the loop ---------------------------------------------------------------------
     is_main = accelerator.is_main_process
@@ -328,21 +336,23 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
     if is_main:
         write_config_toml(cfg, paths["config"])
     sampler = Sampler(c, family, network, cfg, paths["dir"], tracker, device, weight_dtype,
-                      seed, prompts)
+                      seed, prompts, ema=ema)
 
     def save_lora_file(path: Path, step: int, epoch: int) -> None:
         meta = build_metadata(cfg, family, steps=step, epoch=epoch, num_images=len(items),
                               resolution=resolution, tag_frequency=tag_frequency(items),
                               bucket_info=bucket_info(dataset), seed=seed)
-        save_lora(network, path, precision=cfg.saving.save_precision,
-                  layout=cfg.saving.save_model_as, family=family.name,
-                  unet_config=dict(c.unet.config), metadata=meta)
+        with ema.applied():  # the EMA of the weights when ema_decay is set
+            save_lora(network, path, precision=cfg.saving.save_precision,
+                      layout=cfg.saving.save_model_as, family=family.name,
+                      unet_config=dict(c.unet.config), metadata=meta)
         log.info(f"saved {path}")
 
     def save_training_state(folder: Path, pos: Position) -> None:
         save_state(folder, network=network, optimizer=optimizer, lr_scheduler=lr_scheduler,
                    scaler=accelerator.scaler, position=pos, fingerprint=state_fp,
-                   generators={"latents": latents_of.gen}, config=state_cfg)
+                   generators={"latents": latents_of.gen}, config=state_cfg,
+                   extra_tensors=ema.state_tensors())
 
     checkpoints = Checkpointer(cfg.saving, paths["dir"], paths["final"], save_lora_file,
                                save_training_state, is_main,
@@ -351,10 +361,12 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
     def validate(step: int) -> None:
         if val_set is None:
             return
-        v = validation_loss(val_set, unet=c.unet, family=family, scheduler=c.noise_scheduler,
-                            encode_mean=latents_of.mean, conditioning=conditioning,
-                            network=network, seed=seed, device=device, weight_dtype=weight_dtype,
-                            autocast=accelerator.autocast, v_prediction=loss_settings.v_prediction)
+        with ema.applied():
+            v = validation_loss(val_set, unet=c.unet, family=family, scheduler=c.noise_scheduler,
+                                encode_mean=latents_of.mean, conditioning=conditioning,
+                                network=network, seed=seed, device=device,
+                                weight_dtype=weight_dtype, autocast=accelerator.autocast,
+                                v_prediction=loss_settings.v_prediction)
         tracker.scalars({"loss/validation": v}, step)
         log.info(f"step {step}: validation loss {v:.5f}")
 
@@ -387,7 +399,7 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
                     cond = conditioning(batch["captions"])
                 loss = diffusion_loss(unet, family, c.noise_scheduler, latents, cond, batch,
                                       loss_settings, weight_dtype=weight_dtype,
-                                      autocast=accelerator.autocast)
+                                      autocast=accelerator.autocast, preservation=preservation)
                 if not torch.isfinite(loss):
                     if not cfg.training.skip_nan_steps:
                         raise FloatingPointError(
@@ -416,6 +428,7 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
                 optimizer.zero_grad(set_to_none=True)
                 norms = apply_max_norm(network, cfg.optimizer.scale_weight_norms)  # {} if unset
                 global_step += 1
+                ema.update(global_step)
                 current = loss.detach().item()
                 average = loss_avg.add(current)
                 tracker.scalars({"loss/current": current, "loss/average": average, **norms,

@@ -186,3 +186,64 @@ def before_after_grid(effect: LoraEffect, path: str | Path) -> Path:
                              ("trigger, +LoRA", im["lora_trigger"]),
                              ("no trigger, base", im["base_plain"]),
                              ("no trigger, +LoRA", im["lora_plain"])])
+
+
+# ---- concept leak --------------------------------------------------------------------------
+LEAK_PROMPT = CAPTION.replace("zorblat, ", "")  # the trigger prompt without the trigger word
+
+
+def concept_leak(model, lora, n: int = 6, seed: int = 2000, multiplier: float = 1.0,
+                 device: str = "cpu") -> tuple[float, float]:
+    """(base, base + LoRA): the share of samples of the trigger prompt *without the trigger
+    word* ("a purple star in a red circle, on a green background") that show the zorblat.
+    A LoRA that keeps its concept behind the trigger leaves this where the base model is;
+    one that learned it for the words of the caption draws it here too."""
+    bgs = trigger_backgrounds(n)
+    prompts = [LEAK_PROMPT.format(bg=bg) for bg in bgs]
+    seeds = [seed + i for i in range(n)]
+    base = render(load(model, device=device), str(model), prompts, seeds)
+    tuned = render(load(model, [(lora, multiplier)], device=device), str(model), prompts,
+                   seeds)
+    share = lambda ims: float(np.mean([measure.shows_zorblat(im, bg)  # noqa: E731
+                                       for im, bg in zip(ims, bgs)]))
+    return share(base), share(tuned)
+
+
+# ---- what the UNet predicts, without sampling ------------------------------------------------
+def prediction_shift(model, lora, n: int = 32, seed: int = 3000, device: str = "cpu"
+                     ) -> dict[str, float]:
+    """Mean squared difference between the base model's and base+LoRA's noise predictions
+    for the same noisy latents and timesteps (pictures of the base world, t uniform), under
+    `plain` prompts of the base world and under `class` prompts (the trigger prompt without
+    the trigger word). Averaged over n pairs, this reads the LoRA's effect on the model
+    without the chaos of 20 sampling steps."""
+    import torch
+
+    from tools.generate import load as load_model
+    c, _, _, networks = load_model(str(model), [(str(lora), 1.0)], device=device)
+    rng = random.Random(seed)
+    scenes = [shapes.random_world_scene(rng, SIZE, 0.5) for _ in range(n)]
+    px = torch.stack([torch.from_numpy(shapes.to_array(shapes.draw_scene(s, SIZE)))
+                      .permute(2, 0, 1) for s in scenes]).float().to(device) * 2 - 1
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lat = c.vae.encode(px).latent_dist.mean * c.vae.config.scaling_factor
+        noise = torch.randn(lat.shape, generator=g).to(device)
+        t = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (n,), generator=g)
+        noisy = c.noise_scheduler.add_noise(lat, noise, t).to(device)
+        bgs = trigger_backgrounds(n)
+        prompts = {"plain": [s.caption for s in scenes],
+                   "class": [LEAK_PROMPT.format(bg=bg) for bg in bgs]}
+        out = {}
+        for name, texts in prompts.items():
+            ids = c.tokenizers[0](texts, padding="max_length", truncation=True,
+                                  max_length=c.tokenizers[0].model_max_length,
+                                  return_tensors="pt").input_ids.to(device)
+            preds = []
+            for m in (0.0, 1.0):
+                for net in networks:
+                    net.set_multiplier(m)
+                enc = c.text_encoders[0](ids)[0]
+                preds.append(c.unet(noisy, t.to(device), enc).sample)
+            out[name] = float(((preds[1] - preds[0]) ** 2).mean())
+    return out

@@ -20,6 +20,7 @@ from library.train.optimizers import OPTIMIZER_NAMES
 from library.train.samplers import SAMPLER_NAMES
 from library.train.schedulers import SCHEDULES
 from library.train.speed import COMPILE_MODES
+from library.train.timesteps import TIMESTEP_SAMPLINGS
 
 CONFIG_VERSION = 1
 
@@ -243,6 +244,22 @@ class TrainingConfig:
                                       minimum=0)
     max_timestep: Optional[int] = opt(None, "Training timesteps are below this (default "
                                       "1000, the scheduler's num_train_timesteps).", minimum=1)
+    timestep_sampling: str = opt(
+        "uniform", "Distribution of the training timesteps within [min_timestep, "
+        "max_timestep): uniform, logit_normal (SD3), mode (SD3), sigmoid, shift "
+        "(sd-scripts' FLUX options) or cosmap (SD3); docs/TRAINING.md.",
+        choices=TIMESTEP_SAMPLINGS)
+    logit_mean: float = opt(0.0, "Mean of the normal draw of `logit_normal` sampling.")
+    logit_std: float = opt(1.0, "Standard deviation of the normal draw of `logit_normal` "
+                           "sampling.", minimum=0.0, exclusive_min=True)
+    mode_scale: float = opt(1.29, "Heavy-tail scale of `mode` sampling (SD3 paper; 0 is "
+                            "uniform).")
+    sigmoid_scale: float = opt(1.0, "Scale of the normal draw of `sigmoid` and `shift` "
+                               "sampling (larger spreads the timesteps towards both ends).",
+                               minimum=0.0, exclusive_min=True)
+    discrete_flow_shift: float = opt(3.0, "Shift s of `shift` sampling: above 1 favours "
+                                     "noisier timesteps, below 1 cleaner ones.", minimum=0.0,
+                                     exclusive_min=True)
     min_snr_gamma: Optional[float] = opt(None, "Min-SNR loss weighting gamma (5 is "
                                          "typical).", aliases=("snr_gamma",), minimum=0.0,
                                          exclusive_min=True)
@@ -272,6 +289,28 @@ class TrainingConfig:
                                                 minimum=1)
     validate_every_n_epochs: Optional[int] = opt(None, "Compute loss/validation every N "
                                                  "epochs.", minimum=1)
+    ema_decay: Optional[float] = opt(
+        None, "Keep an exponential moving average of the LoRA weights with this decay (e.g. "
+        "0.99; warm-up min(decay, (1+k)/(10+k)) at step k); samples, the validation loss and "
+        "the saved LoRA files use the average (docs/TRAINING.md). Unset = off.",
+        minimum=0.0, exclusive_min=True)
+    ema_cpu: bool = opt(False, "Keep the EMA of `ema_decay` in CPU memory instead of on the "
+                        "GPU (slower steps, less GPU memory).")
+    preservation_weight: float = opt(
+        0.0, "Output preservation without regularization images (ai-toolkit's "
+        "diff_output_preservation_multiplier, OneTrainer's prior prediction): each step also "
+        "pulls the LoRA's prediction on the class prompt towards the base model's, with this "
+        "loss weight (docs/TRAINING.md). 0 = off.", minimum=0.0)
+    preservation_trigger: Optional[str] = opt(
+        None, "The trigger word that `preservation_weight` replaces by `preservation_class` in "
+        "each caption (default: the first word of the training folder's name after `N_`).")
+    preservation_class: Optional[str] = opt(
+        None, "What replaces the trigger word in the preservation prompt (ai-toolkit's "
+        "diff_output_preservation_class; default: the rest of the folder name; \"\" removes "
+        "the trigger).")
+    preservation_prompt: Optional[str] = opt(
+        None, "One fixed preservation prompt for every sample, instead of the captions with "
+        "the trigger replaced.")
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ def check_training_keys(cfg: Config, layers: Layers, ok, *, check_env: bool = Tr
         p.append(f"{locate(layers, 'lr_scheduler_min_lr_ratio')}: "
                  f"{o.lr_scheduler_min_lr_ratio} is above 1; use a fraction like 0.1")
     check_timesteps(cfg, layers, ok)
+    check_quality_keys(cfg, layers, ok)
     check_precision(cfg, layers, ok)
     check_attention(cfg, layers, ok)
     if tr.adaptive_noise_scale is not None and not tr.noise_offset and ok("noise_offset"):
@@ -92,6 +93,25 @@ def check_timesteps(cfg: Config, layers: Layers, ok) -> None:
                  f"0..{n - 1}; max_timestep is exclusive)")
     if lo is not None and hi is not None and lo > hi and ok("min_timestep", "max_timestep"):
         p.append(f"{locate(layers, 'min_timestep')}: {lo} is above max_timestep {hi}")
+
+
+def check_quality_keys(cfg: Config, layers: Layers, ok) -> None:
+    """ema_decay and preservation_weight (docs/TRAINING.md)."""
+    p, w, tr = layers.problems, layers.warnings, cfg.training
+    if tr.ema_decay is not None and tr.ema_decay >= 1 and ok("ema_decay"):
+        p.append(f"{locate(layers, 'ema_decay')}: {tr.ema_decay} is not below 1; use a decay "
+                 "like 0.99 (unset turns the EMA off)")
+    if tr.ema_cpu and not tr.ema_decay:
+        w.append(f"{locate(layers, 'ema_cpu')}: has no effect without ema_decay")
+    if tr.preservation_weight and tr.cuda_graphs and ok("preservation_weight", "cuda_graphs"):
+        p.append(f"{locate(layers, 'preservation_weight')}: does not work with cuda_graphs = "
+                 "true (the base prediction runs the UNet a second time with the LoRA off, "
+                 "outside the captured graph); set one of them off")
+    pres_keys = [k for k in ("preservation_trigger", "preservation_class",
+                             "preservation_prompt") if getattr(tr, k) is not None]
+    if pres_keys and not tr.preservation_weight:
+        w.append(f"{locate(layers, pres_keys[0])}: has no effect while preservation_weight "
+                 "is 0")
 
 
 def check_precision(cfg: Config, layers: Layers, ok) -> None:

@@ -216,7 +216,7 @@ def due(s, step: int, epoch: int, *, epoch_end: bool = False, first: bool = Fals
 
 class Sampler:
     def __init__(self, components, family, network, cfg, output_dir, tracker, device,
-                 weight_dtype, seed: int, prompts: list[PromptSpec] | None = None):
+                 weight_dtype, seed: int, prompts: list[PromptSpec] | None = None, ema=None):
         from library.train.saving import SAVE_DTYPES
         self.c, self.family, self.network, self.cfg = components, family, network, cfg
         self.dir = Path(output_dir) / "sample"
@@ -225,6 +225,7 @@ class Sampler:
         self.prompts = sample_prompts(cfg, native, seed) if prompts is None else prompts
         self.validation = validation_prompts(cfg, native, seed)
         self.save_dtype = SAVE_DTYPES[cfg.saving.save_precision]
+        self.ema = ema  # with ema_decay, samples show the EMA of the weights, as saved
         self._pipe = None
         s = cfg.sample
         from accelerate import PartialState
@@ -254,8 +255,9 @@ class Sampler:
         c = self.c
         roots = [self.network, c.unet, c.vae, *c.text_encoders]
         paths, images = [], []
-        with preserved_rng(), eval_modes(roots), lora_as_saved(self.network, self.save_dtype), \
-                eager():  # compiled blocks (compile = true) run eagerly here
+        averaged = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        with preserved_rng(), eval_modes(roots), averaged, \
+                lora_as_saved(self.network, self.save_dtype), eager():  # compiled blocks (compile = true) run eagerly here
             if self._pipe is None:
                 self._pipe = make_pipeline(c)
             pipe, base_config = self._pipe

@@ -11,6 +11,8 @@ import torch
 
 from library.train import loss as L
 from library.train import noise as N
+from library.train import preservation as P
+from library.train import timesteps as T
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,23 @@ class LossSettings:
     huber_schedule: str = "snr"
     huber_c: float = 0.1
     huber_scale: float = 1.0
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
 
     @classmethod
     def from_config(cls, cfg) -> "LossSettings":
         tr = cfg.training
         return cls(tr.noise_offset, tr.min_snr_gamma, cfg.model.v_parameterization,
                    **{f.name: getattr(tr, f.name) for f in fields(cls)[3:]})
+
+    @property
+    def sampling(self) -> T.TimestepSampling:
+        return T.TimestepSampling(self.timestep_sampling, self.logit_mean, self.logit_std,
+                                  self.mode_scale, self.sigmoid_scale, self.discrete_flow_shift)
 
 
 def noisy_latents(scheduler, latents: torch.Tensor, s: LossSettings):
@@ -47,8 +60,8 @@ def noisy_latents(scheduler, latents: torch.Tensor, s: LossSettings):
                          adaptive_scale=s.adaptive_noise_scale,
                          multires_iterations=s.multires_noise_iterations,
                          multires_discount=s.multires_noise_discount)
-    t = N.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps,
-                           latents.device, min_timestep=s.min_timestep,
+    t = T.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps,
+                           latents.device, sampling=s.sampling, min_timestep=s.min_timestep,
                            max_timestep=s.max_timestep)
     seen = N.perturbed_noise(noise, s.ip_noise_gamma, s.ip_noise_gamma_random_strength) \
         if s.ip_noise_gamma else noise
@@ -114,14 +127,25 @@ def set_batch_multiplier(network, batch: dict) -> None:
 
 def diffusion_loss(unet, family, scheduler, latents: torch.Tensor, cond: dict, batch: dict,
                    s: LossSettings, *, weight_dtype: torch.dtype = torch.float32,
-                   autocast=contextlib.nullcontext) -> torch.Tensor:
+                   autocast=contextlib.nullcontext, preservation=None) -> torch.Tensor:
     """Mean weighted loss of one batch; `batch["loss_weight"]` holds per-sample weights and
-    the optional `batch["alpha_mask"]` per-pixel weights at latent resolution."""
+    the optional `batch["alpha_mask"]` per-pixel weights at latent resolution. With
+    `preservation` (library/train/preservation.py) the preservation loss is added."""
     latents = latents.to(weight_dtype)
     noise, noisy, t = seeded_noisy_latents(scheduler, latents, s, batch.get("sample_seed"))
-    with autocast():
-        pred = unet(noisy, t, cond["encoder_hidden_states"].to(weight_dtype),
-                    **family.unet_inputs(cond, batch)).sample
+
+    def call(x, steps, c, b):
+        with autocast():
+            return unet(x, steps, c["encoder_hidden_states"].to(weight_dtype),
+                        **family.unet_inputs(c, b)).sample
+
+    if preservation is None:
+        pred = call(noisy, t, cond, batch)
+    else:  # captions and class prompts in one forward and backward, the base without grad
+        mine, base = preservation.class_cond(batch["captions"])
+        base_pred = preservation.base_prediction(call, noisy, t, base, batch)
+        pred, pred_class = call(torch.cat([noisy, noisy]), torch.cat([t, t]),
+                                P.joined(cond, mine), P.doubled(batch, HOST_KEYS)).chunk(2)
     target = N.training_target(scheduler, latents, noise, t, s.v_prediction)
     huber_c = L.huber_threshold(s.huber_schedule, s.huber_c, s.huber_scale, t,
                                 scheduler.config.num_train_timesteps, scheduler.alphas_cumprod) \
@@ -131,5 +155,10 @@ def diffusion_loss(unet, family, scheduler, latents: torch.Tensor, cond: dict, b
         # alpha_mask (kohya's masked loss): (B, 1, h, w) at latent size; transparent pixels
         # add zero, the mean stays over all pixels (not renormalised by the mask's area).
         loss = loss * batch["alpha_mask"].to(loss.device, loss.dtype)
-    weight = batch["loss_weight"].to(latents.device) * timestep_weight(scheduler, t, s)
-    return (L.reduce_per_sample(loss) * weight).mean()
+    t_weight = timestep_weight(scheduler, t, s)
+    weight = batch["loss_weight"].to(latents.device) * t_weight
+    total = (L.reduce_per_sample(loss) * weight).mean()
+    if preservation is not None:
+        keep = L.elementwise_loss(pred_class, base_pred, s.loss_type, huber_c)
+        total = total + preservation.weight * (L.reduce_per_sample(keep) * t_weight).mean()
+    return total
