@@ -40,7 +40,8 @@ from library.train.saving import bucket_info, build_metadata, config_json, finge
     save_lora, tag_frequency
 from library.train.noise import apply_zero_terminal_snr
 from library.train.schedulers import scheduler_from_config
-from library.train.speed import configure_speed, step_begin, training_unet
+from library.train.fast_path import fast_path
+from library.train.speed import step_begin
 from library.train.step import LossSettings, batch_to_device, diffusion_loss
 from library.train.state import Position, StateError, load_state, read_position, \
     resume_warning, save_state
@@ -223,13 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return fail("LoRA network error", [str(e)])
     network.attach().train()
-    for note in configure_speed(c.unet, cfg.training, network):  # after the attach
-        log.info(note)
-    unet, note = training_unet(c.unet, network, cfg.training, device)  # cuda_graphs
-    if note and unet is c.unet:
-        log.warning(note)
-    elif note:
-        log.info(note)
+    unet = fast_path(c.unet, network, cfg, dataset, device, accelerator.process_index,
+                     world)  # after the attach; logs the `speed:` line
     log.info(f"LoRA on {len(network)} modules: " + ", ".join(
         f"{k} {len(v)}" for k, v in network.parts().items()))
     optimizer = make_optimizer(cfg.optimizer.optimizer_type, groups,
