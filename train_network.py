@@ -45,7 +45,8 @@ from library.train.saving import bucket_info, build_metadata, config_json, finge
 from library.train.noise import apply_zero_terminal_snr
 from library.train.preservation import class_prompts, make_preservation
 from library.train.schedulers import scheduler_from_config
-from library.train.speed import configure_speed, step_begin, training_unet
+from library.train.fast_path import fast_path
+from library.train.speed import step_begin
 from library.train.step import LossSettings, batch_to_device, diffusion_loss, \
     set_batch_multiplier
 from library.train.interrupt import GracefulStop, run_main
@@ -260,13 +261,8 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
     except ValueError as e:
         return fail("LoRA network error", [str(e)])
     network.attach().train()
-    for note in configure_speed(c.unet, cfg.training, network):  # after the attach
-        log.info(note)
-    unet, note = training_unet(c.unet, network, cfg.training, device)  # cuda_graphs
-    if note and unet is c.unet:
-        log.warning(note)
-    elif note:
-        log.info(note)
+    unet = fast_path(c.unet, network, cfg, dataset, device, accelerator.process_index,
+                     world)  # after the attach; logs the `speed:` line
     log.info(f"LoRA on {len(network)} modules: " + ", ".join(
         f"{k} {len(v)}" for k, v in network.parts().items()))
     optimizer = make_optimizer(cfg.optimizer.optimizer_type, groups,

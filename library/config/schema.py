@@ -66,11 +66,12 @@ class ModelConfig:
     xformers: bool = opt(False, "Use xformers memory-efficient attention (GPU extra).",
                          aliases=("enable_xformers_memory_efficient_attention",))
     sdpa: bool = opt(True, "Use torch scaled-dot-product attention (the default).")
-    sdpa_backend: str = opt("auto", "Which SDPA kernel to prefer on CUDA: `auto` (torch's "
-                            "order: flash, then memory-efficient), `cudnn`, `flash`, "
-                            "`efficient` or `math`; a shape the preferred kernel cannot run "
-                            "falls back to the next. Ignored on CPU.",
-                            choices=("auto", "cudnn", "flash", "efficient", "math"))
+    sdpa_backend: str = opt("auto", "Which SDPA kernel to prefer on CUDA: `auto` (cuDNN "
+                            "first on compute capability 9.0 and newer, else torch's order), "
+                            "`torch` (torch's order: flash, then memory-efficient), `cudnn`, "
+                            "`flash`, `efficient` or `math`; a shape the preferred kernel "
+                            "cannot run falls back to the next. Ignored on CPU.",
+                            choices=("auto", "torch", "cudnn", "flash", "efficient", "math"))
     fp8_base: bool = opt(False, "Store the frozen UNet weights as float8_e4m3fn, computed "
                          "in the mixed_precision dtype (CUDA only; skipped on CPU).")
 
@@ -221,8 +222,13 @@ class TrainingConfig:
     batch_qkv_lora: bool = opt(True, "One matmul for the LoRA down projections of each "
                                "attention layer's q, k and v, which read the same input; the "
                                "same result, 3 % faster on a GPU (docs/TRAINING.md, Speed).")
-    cuda_graphs: bool = opt(False, "Replay the UNet's training forward and backward from CUDA "
-                            "graphs, one per batch shape (CUDA only; docs/TRAINING.md, Speed).")
+    cuda_graphs: Optional[bool] = opt(None, "Replay the UNet's training forward and backward "
+                                      "from CUDA graphs, one per batch shape (CUDA only; "
+                                      "docs/TRAINING.md, Speed). Unset: on where the run "
+                                      "allows it; the log's `speed:` line says why not.")
+    cuda_graph_shapes: int = opt(8, "At most this many batch shapes (bucket x batch size) are "
+                                 "captured as CUDA graphs, the most frequent first; the other "
+                                 "shapes run eagerly.", minimum=1)
     seed: Optional[int] = opt(None, "Random seed; unset picks one and records it.")
     noise_offset: float = opt(0.0, "Offset noise strength: a per-channel constant of this "
                               "scale is added to the noise (0 disables; ~0.05-0.1 typical).",

@@ -131,7 +131,7 @@ def check_precision(cfg: Config, layers: Layers, ok) -> None:
 def check_attention(cfg: Config, layers: Layers, ok) -> None:
     """sdpa_backend picks a kernel of PyTorch SDPA, so it needs SDPA to be the attention."""
     m = cfg.model
-    if m.sdpa_backend == "auto" or not ok("sdpa_backend"):
+    if m.sdpa_backend in ("auto", "torch") or not ok("sdpa_backend"):
         return
     other = "xformers = true" if m.xformers else "sdpa = false" if not m.sdpa else None
     if other:

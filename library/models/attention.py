@@ -14,8 +14,9 @@
   skipped with a warning. It must run before the LoRA attaches: LoRA then wraps the fp8
   forward.
 - `sdpa_backend`: which SDPA kernel PyTorch tries first on CUDA (`set_sdpa_backend`). torch's
-  own order is flash, memory-efficient, math, with cuDNN last; `cudnn` moves cuDNN's fused
-  attention first (faster on Hopper in docs/BENCHMARKS.md). A shape the preferred kernel
+  own order (`torch`) is flash, memory-efficient, math, with cuDNN last; `cudnn` moves cuDNN's
+  fused attention first (faster on Hopper in docs/BENCHMARKS.md), and `auto`, the default,
+  does so on compute capability 9.0 and newer. A shape the preferred kernel
   cannot run (e.g. a head size it does not support) falls back to the next in the order, so
   every choice trains the same model. The order is process state: each run sets it.
 """
@@ -39,12 +40,25 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EF
 _TORCH_ORDER = [int(b) for b in torch._C._get_sdp_priority_order()]  # as torch starts
 
 
+def resolve_sdpa_backend(name: str, device) -> str:
+    """`auto` on CUDA: cuDNN's fused attention first on compute capability 9.0 and newer
+    (Hopper; measured 5-11 % faster there, docs/BENCHMARKS.md), torch's own order elsewhere.
+    Any other name is returned as it is."""
+    if name != "auto":
+        return name
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0):
+        return "cudnn"
+    return "torch"
+
+
 def set_sdpa_backend(name: str) -> str:
-    """Put SDPA backend `name` first in torch's kernel order (`auto`: torch's own order) and
+    """Put SDPA backend `name` first in torch's kernel order (`auto`, `torch`: torch's own
+    order) and
     make sure it is enabled; the others stay enabled behind it as fallbacks. Returns a line
     for the log."""
     order = list(_TORCH_ORDER)
-    if name != "auto":
+    if name not in ("auto", "torch"):
         first = int(SDPA_BACKENDS[name])
         order = [first] + [b for b in order if b != first]
         getattr(torch.backends.cuda, {"flash": "enable_flash_sdp", "cudnn": "enable_cudnn_sdp",
@@ -89,8 +103,8 @@ def configure_attention_and_storage(c, model_cfg, device, weight_dtype: torch.dt
         c.unet.set_attn_processor(AttnProcessor2_0())
         done.append("SDPA attention")
         if on_gpu:
-            done.append(set_sdpa_backend(model_cfg.sdpa_backend))
-        elif model_cfg.sdpa_backend != "auto":
+            done.append(set_sdpa_backend(resolve_sdpa_backend(model_cfg.sdpa_backend, device)))
+        elif model_cfg.sdpa_backend not in ("auto", "torch"):
             log.warning(f"sdpa_backend = \"{model_cfg.sdpa_backend}\" applies to CUDA; "
                         "the CPU runs its own SDPA kernel")
     if model_cfg.fp8_base:

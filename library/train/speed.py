@@ -18,9 +18,13 @@
   shape (torch.cuda.make_graphed_callables) and replayed: one launch instead of thousands of
   kernel launches, which is what bounds an eager LoRA step at small batches (the GPU idles
   most of the step; docs/BENCHMARKS.md). Noise, timesteps, the loss, the optimizer and the
-  text encoders stay eager. At most `CUDA_GRAPH_SHAPES` shapes are captured (each keeps its
-  own activation memory); further bucket shapes run eagerly. Not with module_dropout (a
-  per-step host decision) or gradient checkpointing; CUDA only.
+  text encoders stay eager. Unset, it is on where the run allows it (library/train/fast_path.py
+  decides and logs why). The captured shapes share one memory pool: each step replays one
+  shape's forward and then its backward, so the activations of the largest shape are held
+  once, plus each shape's static inputs, outputs and LoRA-gradient buffers. At most
+  `cuda_graph_shapes` shapes are captured (the most frequent ones); the others run eagerly.
+  Not with module_dropout (a per-step host decision); gradient checkpointing runs inside the
+  graphs with its recompute in the captured backward (`checkpoint_inside_graphs`); CUDA only.
 
 Sampling and validation run the same modules eagerly (`eager()`): they use other shapes and
 no gradients, and compiling for them would cost more than it saves.
@@ -143,12 +147,32 @@ class _UNetForward(torch.nn.Module):
 
 class GraphedUNet:
     """Drop-in for `unet` in library.train.step.diffusion_loss (see the module docstring).
-    Anything it cannot replay (no grad, CPU tensors, a shape beyond the cap) runs eagerly."""
+    Anything it cannot replay (no grad, CPU tensors, a shape beyond the cap or outside
+    `shapes`) runs eagerly.
 
-    def __init__(self, unet, network, max_shapes: int = CUDA_GRAPH_SHAPES):
+    `shapes`: the (batch, latent height, latent width) shapes to capture (None: the first
+    `max_shapes` seen). `accumulates` (gradient_accumulation_steps > 1): the graph's backward
+    returns its static gradient buffers, and autograd keeps such a tensor as the parameter's
+    .grad when .grad is None; the next replay would then overwrite the accumulated sum. So
+    the LoRA gradients are created (zeros) before the first micro-step of each optimizer
+    step, and autograd adds into them instead."""
+
+    def __init__(self, unet, network, max_shapes: int = CUDA_GRAPH_SHAPES,
+                 shapes: frozenset | None = None, accumulates: bool = False):
         self.unet, self.network, self.max_shapes = unet, network, max_shapes
+        self.shapes, self.accumulates = shapes, accumulates
         self.graphs: dict[tuple, object] = {}
         self.captures = 0
+        self.pool = None  # one memory pool for every captured shape
+        self.params = [p for p in network.parameters() if p.requires_grad]
+
+    def _capture_kwargs(self) -> dict:
+        import inspect
+        if "pool" not in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+            return {}
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        return {"pool": self.pool}
 
     def __getattr__(self, name):  # config, dtype, device ... of the wrapped UNet
         return getattr(self.unet, name)
@@ -167,7 +191,9 @@ class GraphedUNet:
         with torch.autocast("cuda", dtype=dtype, enabled=on, cache_enabled=False):
             fn = self.graphs.get(key)
             if fn is None:
-                if len(self.graphs) >= self.max_shapes:
+                wanted = self.shapes is None or (sample.shape[0], *sample.shape[2:]) in \
+                    self.shapes
+                if len(self.graphs) >= self.max_shapes or not wanted:
                     return self.unet(sample, timestep, encoder_hidden_states,
                                      added_cond_kwargs=added_cond_kwargs)
                 # Captured on detached copies: the warm-up backward passes must not reach
@@ -176,9 +202,13 @@ class GraphedUNet:
                                     for a in args)
                 fn = torch.cuda.make_graphed_callables(
                     _UNetForward(self.unet, self.network, keys), sample_args,
-                    allow_unused_input=True)
+                    allow_unused_input=True, **self._capture_kwargs())
                 self.graphs[key] = fn
                 self.captures += 1
+            if self.accumulates and self.params and self.params[0].grad is None:
+                for p in self.params:  # see the class docstring
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
             out = fn(*args)
         return _Output(out)
 
@@ -193,9 +223,26 @@ def cuda_graph_problems(training_cfg, network) -> list[str]:
     problems = []
     if any(m.module_dropout for m in network):
         problems.append("module_dropout decides on the host at every step")
-    if training_cfg.gradient_checkpointing:
-        problems.append("gradient_checkpointing recomputes outside the captured graph")
+    if training_cfg.gradient_checkpointing and any(m.dropout or m.rank_dropout
+                                                   for m in network):
+        problems.append("gradient_checkpointing with network_dropout / rank_dropout: inside "
+                        "the graphs the recomputed forward would draw other dropout masks")
     return problems
+
+
+def _checkpoint_without_rng_state(module, *args):
+    # torch's checkpoint saves and restores the CUDA RNG state around the recompute, which
+    # a CUDA graph capture forbids. The UNet draws no random numbers in its forward (no
+    # dropout; LoRA dropout with checkpointing keeps the graphs off), so there is nothing
+    # to restore and the recompute is the same computation.
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                             preserve_rng_state=False)
+
+
+def checkpoint_inside_graphs(unet) -> None:
+    """gradient_checkpointing under CUDA graphs: non-reentrant checkpoints without RNG state,
+    so that the recompute is captured in the graph's backward."""
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_without_rng_state)
 
 
 def training_unet(unet, network, training_cfg, device) -> tuple[object, str | None]:
@@ -208,6 +255,8 @@ def training_unet(unet, network, training_cfg, device) -> tuple[object, str | No
     problems = cuda_graph_problems(training_cfg, network)
     if problems:
         return unet, "cuda_graphs = true is off for this run: " + "; ".join(problems)
+    if training_cfg.gradient_checkpointing:
+        checkpoint_inside_graphs(unet)
     return GraphedUNet(unet, network), (f"CUDA graphs of the UNet's forward and backward "
                                         f"(up to {CUDA_GRAPH_SHAPES} shapes)")
 

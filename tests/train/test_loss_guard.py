@@ -41,8 +41,13 @@ SAMPLE_TOL = 0.03
 # of the tiny model; min_8bit_size=0 makes the guard exercise the 8-bit states themselves.
 EIGHT_BIT = ["--optimizer_args", "min_8bit_size=0"]
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "presets"
+# The eager step: on CUDA, a run without speed keys takes the fast path (CUDA graphs, cuDNN
+# attention first; library/train/fast_path.py), so the reference turns it off. The option
+# cases below run on top of the default path.
+EAGER = ["--cuda_graphs", "false", "--sdpa_backend", "torch"]
 # The reference of the UNet-only options: eager fp32, the text encoders run every step.
-UNET_ONLY_UNCACHED = ["--network_train_unet_only", "--cache_text_encoder_outputs", "false"]
+UNET_ONLY_UNCACHED = ["--network_train_unet_only", "--cache_text_encoder_outputs", "false",
+                      *EAGER]
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TOMLORA_GUARD") != "1",
@@ -72,7 +77,7 @@ def curve(root: Path, model: Path, data: Path, *flags: str) -> list[float]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_sd15_dir, guard_data) -> list[float]:
     """The eager fp32 run on the device the tests run on."""
-    return curve(tmp_path_factory.mktemp("ref"), tiny_sd15_dir, guard_data)
+    return curve(tmp_path_factory.mktemp("ref"), tiny_sd15_dir, guard_data, *EAGER)
 
 
 def record(name: str, dev: float, tol: float) -> None:
@@ -115,6 +120,8 @@ CPU_OPTIONS = {
                                     "--network_train_unet_only"], FP32_TOL, UNET_ONLY_UNCACHED),
     "gradient_checkpointing": (["--gradient_checkpointing"], FP32_TOL),
     "AdamW8bit": (["--optimizer_type", "AdamW8bit", *EIGHT_BIT], APPROX_TOL),
+    # No speed key: on CUDA the default fast path (graphs, cuDNN attention), on CPU eager.
+    "default path": ([], FP32_TOL),
 }
 
 
@@ -150,7 +157,15 @@ def test_algorithm_keeps_the_fp32_loss_curve(algo, tmp_path, tiny_sd15_dir, guar
 
 BF16 = ["--mixed_precision", "bf16"]
 GPU_OPTIONS = {
-    "bf16 eager": ([], BF16_TOL),
+    "bf16 eager": (EAGER, BF16_TOL),
+    # The default path with no speed key, and with what the seed configs add: gradient
+    # checkpointing (recomputed inside the graphs) and accumulation (against an eager run
+    # that accumulates too: another trajectory), fp16 with its loss scaler.
+    "default path": ([], BF16_TOL),
+    "default path + gradient_checkpointing": (["--gradient_checkpointing"], BF16_TOL),
+    "default path + accumulation 2 + checkpointing, fp16":
+        (["--gradient_accumulation_steps", "2", "--gradient_checkpointing",
+          "--mixed_precision", "fp16"], BF16_TOL, ["--gradient_accumulation_steps", "2", *EAGER]),
     "cuda_graphs": (["--cuda_graphs"], BF16_TOL),
     "compile": (["--compile"], BF16_TOL),
     "compile reduce-overhead": (["--compile", "--compile_mode", "reduce-overhead"], BF16_TOL),
