@@ -127,8 +127,9 @@ def train(argv: list[str] | None, cleanup: ExitStack) -> int:
         net_args = check_config(cfg, family.name)
     except ValueError as e:
         return fail("Configuration error", e.problems)
-    if family_problems(cfg, family.name):  # e.g. bucket steps this family cannot use
-        return fail("Configuration error", family_problems(cfg, family.name))
+    problems = family_problems(cfg, family.name, model_dir if model_dir.is_dir() else None)
+    if problems:  # e.g. bucket steps this model cannot use
+        return fail("Configuration error", problems)
     for w in net_args.warnings:
         log.warning(w)
     d = cfg.dataset

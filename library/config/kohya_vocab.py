@@ -25,21 +25,13 @@ from library.config import values
 SD_SCRIPTS_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
 DOC_LINK = 'docs/CONFIG.md, "Coming from sd-scripts"'
 
-# ---- being implemented on other branches --------------------------------------------------
+# ---- known, not implemented yet ----------------------------------------------------------
 # Accepted with no effect at their off value, refused otherwise, until the branches that add
-# them to the schema are merged; then delete each name from this tuple (a test asserts that
+# them to the schema land; then delete each name from this tuple (a test asserts that
 # no name is both here and in the schema).
-PENDING_IMPLEMENTATION = (
-    "scale_weight_norms", "training_comment", "metadata_title", "metadata_author",
-    "metadata_description", "metadata_license", "metadata_tags", "no_metadata",
-    "lr_scheduler_type", "lr_scheduler_args", "wandb_run_name", "wandb_api_key",
-    "weighted_captions", "in_json", "dataset_repeats", "masked_loss", "conditioning_data_dir",
-    "validation_seed", "network_multiplier", "save_state_on_train_end",
-    "save_last_n_epochs_state", "save_last_n_steps_state", "save_n_epoch_ratio",
-    "initial_epoch", "initial_step", "skip_until_initial_step",
-)
+PENDING_IMPLEMENTATION: tuple[str, ...] = ()
 # Off values of pending keys besides the generic ones (unset, "", false, 0, empty list).
-PENDING_OFF = {"dataset_repeats": (1,), "network_multiplier": (1,)}
+PENDING_OFF: dict[str, tuple] = {}
 
 # ---- implemented as a translation --------------------------------------------------------
 
@@ -168,6 +160,9 @@ REFUSED: dict[str, Refusal] = {
     "v2": Refusal("SD 2.x models are not supported; train an SD1.5 or SDXL model and remove "
                   "v2 (or set it to false)"),
     "face_crop_aug_range": Refusal("face-crop augmentation is not supported; remove it"),
+    "network_multiplier": Refusal("is a dataset key of sd-scripts: write it in a [[datasets]] "
+                                  "table of a dataset_config file (each dataset's LoRA "
+                                  "multiplier), or remove it", off=(1,)),
     "dataset_class": Refusal("custom dataset classes are not supported; use train_data_dir "
                              "or dataset_config"),
     "huggingface_repo_id": Refusal(_HUB_UPLOAD),
@@ -205,21 +200,22 @@ REFUSED: dict[str, Refusal] = {
     "push_to_hub": Refusal("tomlora does not upload; copy the LoRA from output_dir yourself"),
 }
 # Keys of sd-scripts' other trainers (FLUX.1, SD3, Lumina, HunyuanImage, Anima) that the
-# kohya_ss GUI and LoRA_Easy_Training_Scripts write when such a model is chosen.
+# kohya_ss GUI and LoRA_Easy_Training_Scripts write when such a model is chosen. (Their
+# timestep-sampling keys are implemented for SD: library/train/timesteps.py.)
 OTHER_MODEL_KEYS = (
     "ae", "apply_t5_attn_mask", "attn_mode", "blocks_to_swap", "byt5", "clip_g",
     "clip_g_dropout_rate", "clip_l", "clip_l_dropout_rate", "compile_backend",
-    "compile_cache_size_limit", "compile_dynamic", "compile_fullgraph", "discrete_flow_shift",
+    "compile_cache_size_limit", "compile_dynamic", "compile_fullgraph",
     "double_blocks_to_swap", "enable_scaled_pos_embed", "fp8_scaled", "fp8_vl", "gemma2",
-    "gemma2_max_token_length", "guidance_scale", "llm_adapter_path", "logit_mean", "logit_std",
-    "mem_eff_save", "mode_scale", "model_prediction_type", "model_type",
-    "pos_emb_random_crop_rate", "qwen3", "qwen3_max_token_length", "qwen_image_vae_2d",
-    "save_clip", "save_t5xxl", "show_timesteps", "show_timesteps_resolution", "sigmoid_scale",
-    "single_blocks_to_swap", "split_attn", "split_mode", "system_prompt", "t5_dropout_rate",
-    "t5_max_token_length", "t5_tokenizer_path", "t5xxl", "t5xxl_device", "t5xxl_dtype",
-    "t5xxl_max_token_length", "text_encoder", "text_encoder_batch_size", "text_encoder_cpu",
-    "timestep_sampling", "unsloth_offload_checkpointing", "use_flash_attn", "use_sage_attn",
-    "vae_chunk_size", "vae_disable_cache", "weighting_scheme",
+    "gemma2_max_token_length", "guidance_scale", "llm_adapter_path", "mem_eff_save",
+    "model_prediction_type", "model_type", "pos_emb_random_crop_rate", "qwen3",
+    "qwen3_max_token_length", "qwen_image_vae_2d", "save_clip", "save_t5xxl",
+    "show_timesteps", "show_timesteps_resolution", "single_blocks_to_swap", "split_attn",
+    "split_mode", "system_prompt", "t5_dropout_rate", "t5_max_token_length",
+    "t5_tokenizer_path", "t5xxl", "t5xxl_device", "t5xxl_dtype", "t5xxl_max_token_length",
+    "text_encoder", "text_encoder_batch_size", "text_encoder_cpu",
+    "unsloth_offload_checkpointing", "use_flash_attn", "use_sage_attn", "vae_chunk_size",
+    "vae_disable_cache", "weighting_scheme",
 )
 REFUSED.update({k: _OTHER_MODEL for k in OTHER_MODEL_KEYS})
 
@@ -240,7 +236,10 @@ FRONT_END_KEYS: dict[str, str] = {
 # Numeric keys of the schema where sd-scripts reads 0 as "off" (a falsy test): 0 is unset.
 ZERO_IS_UNSET = ("min_snr_gamma", "network_alpha", "adaptive_noise_scale",
                  "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
-                 "loraplus_text_encoder_lr_ratio")
+                 "loraplus_text_encoder_lr_ratio", "save_every_n_steps", "save_every_n_epochs",
+                 "save_last_n_steps", "save_last_n_epochs", "save_last_n_steps_state",
+                 "save_last_n_epochs_state", "save_n_epoch_ratio", "sample_every_n_steps",
+                 "sample_every_n_epochs", "initial_epoch", "ema_decay")
 
 
 # sd-scripts options that take several values (nargs="*"): a bare `--lr_scheduler_args` is an

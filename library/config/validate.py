@@ -7,6 +7,7 @@ run's files: required paths and the existence of folders and files.
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,9 +94,22 @@ def round_resolution(cfg: Config, layers: Layers) -> Config:
 BUCKET_STEP_OF_FAMILY = {"sd15": 64, "sdxl": 32}
 
 
-def family_problems(cfg: Config, family: str) -> list[str]:
+def bucket_step(family: str, config_dir: Path | None = None) -> int | None:
+    """The multiple bucket sides must be: the VAE's downscale times the UNet's (8 x 8 = 64
+    for SD1.5, 8 x 4 = 32 for SDXL, sd-scripts' numbers), read from the model's config files
+    when `config_dir` (a diffusers layout) has them, so smaller test models get theirs."""
+    try:
+        vae = json.loads((config_dir / "vae" / "config.json").read_text())
+        unet = json.loads((config_dir / "unet" / "config.json").read_text())
+        return 2 ** (len(vae["block_out_channels"]) - 1) * \
+            2 ** (len(unet["down_block_types"]) - 1)
+    except (TypeError, OSError, ValueError, KeyError):
+        return BUCKET_STEP_OF_FAMILY.get(family)
+
+
+def family_problems(cfg: Config, family: str, config_dir: Path | None = None) -> list[str]:
     """Checks that need the model family (known once the model is found, before it loads)."""
-    d, step = cfg.dataset, BUCKET_STEP_OF_FAMILY.get(family)
+    d, step = cfg.dataset, bucket_step(family, config_dir)
     if not (d.enable_bucket and step and d.bucket_reso_steps % step):
         return []
     nearest = max(step, round(d.bucket_reso_steps / step) * step)

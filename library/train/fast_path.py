@@ -75,10 +75,13 @@ def _shape_text(shape: tuple[int, int, int]) -> str:
     return f"{w * LATENT_SCALE}x{h * LATENT_SCALE} b{b}"
 
 
-def graph_problems(training, model, dropouts: dict, explicit: bool) -> list[str]:
+def graph_problems(training, model, dropouts: dict, explicit: bool,
+                   run: tuple[str, ...] = (), unverified: tuple[str, ...] = ()) -> list[str]:
     """Why CUDA graphs are not used for this run (empty: they are). `dropouts`: the LoRA's
-    dropout, rank_dropout and module_dropout."""
-    problems = []
+    dropout, rank_dropout and module_dropout; `run`: reasons of the run itself (see
+    `run_graph_problems`); `unverified`: parts of the run not checked under graphs, which
+    an explicit `cuda_graphs = true` still takes."""
+    problems = list(run)
     if dropouts.get("module_dropout"):
         problems.append("module_dropout decides on the host at every step")
     if training.gradient_checkpointing and (dropouts.get("dropout") or
@@ -86,6 +89,7 @@ def graph_problems(training, model, dropouts: dict, explicit: bool) -> list[str]
         problems.append("gradient_checkpointing with network_dropout / rank_dropout (the "
                         "recompute inside the graphs would draw other dropout masks)")
     if not explicit:  # combinations the loss guard has not checked under graphs
+        problems.extend(unverified)
         if model.fp8_base:
             problems.append("fp8_base is not verified under CUDA graphs")
         if model.xformers:
@@ -95,8 +99,26 @@ def graph_problems(training, model, dropouts: dict, explicit: bool) -> list[str]
     return problems
 
 
+def run_graph_problems(training, network, dataset) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(reasons the graphs cannot serve this run, parts of it not verified under graphs):
+    a graph replays the multiplier and the batch it was captured with, so a per-dataset
+    network_multiplier or the preservation loss's second prompt batch cannot run in it."""
+    hard, soft = [], []
+    if getattr(training, "preservation_weight", 0):
+        hard.append("preservation_weight runs a second, differently conditioned forward")
+    sets = getattr(dataset, "datasets", [dataset])
+    if any(getattr(getattr(s, "o", None), "network_multiplier", 1.0) != 1.0 for s in sets):
+        hard.append("a dataset's network_multiplier changes the LoRA multiplier per batch")
+    algos = sorted({m.spec.algo + ("+DoRA" if m.spec.dora else "")
+                    for m in network if getattr(m, "spec", None) is not None} - {"lora"})
+    if algos:
+        soft.append(f"{', '.join(algos)} is not verified under CUDA graphs")
+    return tuple(hard), tuple(soft)
+
+
 def plan_speed(training, model, dropouts: dict, shapes: dict[tuple[int, int, int], int],
-               device: Device) -> SpeedPlan:
+               device: Device, run: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+               ) -> SpeedPlan:
     """The speed options of this run and one line saying what was chosen and why."""
     parts, warning = [], None
     want = training.cuda_graphs  # None: unset, decide here
@@ -107,7 +129,8 @@ def plan_speed(training, model, dropouts: dict, shapes: dict[tuple[int, int, int
         parts.append("CUDA graphs off (no CUDA GPU)")
         if want:
             warning = "cuda_graphs = true needs a CUDA GPU; the UNet runs eagerly on CPU"
-    elif (problems := graph_problems(training, model, dropouts, explicit=bool(want))):
+    elif (problems := graph_problems(training, model, dropouts, explicit=bool(want),
+                                     run=run[0], unverified=run[1])):
         parts.append("CUDA graphs off: " + "; ".join(problems))
         if want:
             warning = "cuda_graphs = true is off for this run: " + "; ".join(problems)
@@ -170,7 +193,7 @@ def fast_path(unet, network, cfg, dataset, device, rank: int = 0, world: int = 1
     dropouts = {k: max((getattr(m, k) for m in network), default=0.0)
                 for k in ("dropout", "rank_dropout", "module_dropout")}
     plan = plan_speed(cfg.training, cfg.model, dropouts, batch_shapes(dataset, rank, world),
-                      Device.of(device))
+                      Device.of(device), run_graph_problems(cfg.training, network, dataset))
     for note in configure_speed(unet, cfg.training, network):
         log.info(note)
     if plan.warning:

@@ -142,9 +142,8 @@ def test_typo_is_an_error_with_did_you_mean(write, typo, meant):
 # ---- value-dependent refusals --------------------------------------------------------------
 
 @pytest.mark.parametrize("body", ["v2 = false", 'v2 = "false"', 'huggingface_repo_id = ""',
-                                  "face_crop_aug_range = []", 'lr_scheduler_type = ""',
-                                  "lr_scheduler_args = []", "scale_weight_norms = 0",
-                                  "dataset_repeats = 1", "num_repeats = 1",
+                                  "face_crop_aug_range = []", "network_multiplier = 1",
+                                  "num_repeats = 1",
                                   'train_mode = "lora"', "deepspeed = false",
                                   'base_weights = ""', 't5xxl = ""'])
 def test_off_values_are_accepted(write, body):
@@ -156,10 +155,7 @@ def test_off_values_are_accepted(write, body):
 @pytest.mark.parametrize("body, fragment", [
     ("v2 = true", "SD 2.x models are not supported"),
     ('huggingface_repo_id = "me/my-lora"', "does not upload"),
-    ('lr_scheduler_type = "torch.optim.lr_scheduler.StepLR"',
-     "not supported in this build yet (it is being implemented)"),
-    ("scale_weight_norms = 1.0", "not supported in this build yet"),
-    ("dataset_repeats = 3", "not supported in this build yet"),
+    ("network_multiplier = 0.5", "write it in a [[datasets]] table of a dataset_config"),
     ('image_dir = "imgs"', "is a key of one image subset"),
     ("deepspeed = true", "DeepSpeed is not supported"),
     ('t5xxl = "t5.safetensors"', "tomlora trains SD1.5 and SDXL"),
@@ -210,10 +206,8 @@ def test_flags_with_several_values_and_off_values():
                    "--debug_dataset"])
     assert loaded.config.optimizer.optimizer_type == "AdamW8bit"
     assert loaded.config.training.dry_run is True
-    assert loaded.warnings == ("command line: 2 are off or empty, read as unset: --v2, "
-                               f"--lr_scheduler_args {DOC}",)
-    assert "not supported in this build" in only_problem(
-        ["--lr_scheduler_args", "T_max=10", "eta_min=0"])
+    assert loaded.warnings == (f"command line: 1 is off or empty, read as unset: --v2 {DOC}",)
+    assert loaded.config.optimizer.lr_scheduler_args == {}
 
 
 def test_set_and_bare_output_config():

@@ -116,18 +116,19 @@ def test_cuda_graphs_unset_is_the_default_and_true_still_parses():
 def test_a_cpu_run_logs_its_speed_line(tmp_path, tiny_sd15_dir, buckets_data, caplog):
     with caplog.at_level("INFO", logger="tomlora"):
         assert run(tmp_path, tiny_sd15_dir, buckets_data, "--max_train_steps", "2",
-                   "--enable_bucket", "--bucket_reso_steps", "16") == 0
+                   "--enable_bucket", "--bucket_reso_steps", "64", "--resolution", "192") == 0
     assert "speed: CUDA graphs off (no CUDA GPU)" in caplog.text
 
 
 @pytest.fixture
 def buckets_data(tmp_path):
-    """3 landscape and 3 square pictures: at batch 2 with buckets (64 px, steps of 16: 80x48
-    and 64x64), 4 batch shapes (a full and a partial batch of each bucket)."""
+    """3 landscape and 3 square pictures: at batch 2 with buckets (192 px, steps of 64, the
+    multiple SD1.5-shaped models need: 256x128 and 192x192), 4 batch shapes (a full and a
+    partial batch of each bucket)."""
     from PIL import Image
     sub = tmp_path / "buckets" / "1_thing"
     sub.mkdir(parents=True)
-    for i, size in enumerate([(96, 64)] * 3 + [(64, 64)] * 3):
+    for i, size in enumerate([(128, 64)] * 3 + [(96, 96)] * 3):
         Image.new("RGB", size, (40 * i, 200 - 30 * i, 90)).save(sub / f"{i}.png")
         (sub / f"{i}.txt").write_text(f"thing, colour {i}")
     return sub.parent
@@ -148,7 +149,7 @@ def test_gpu_default_path_trains_as_eager(tmp_path, tiny_sd15_dir, buckets_data,
     with the same settings. Two buckets with a full and a partial batch each: four captured
     shapes in one shared memory pool."""
     common = ["--mixed_precision", "bf16", "--max_train_steps", "6", "--train_batch_size", "2",
-              "--enable_bucket", "--bucket_reso_steps", "16", *extra]
+              "--enable_bucket", "--bucket_reso_steps", "64", "--resolution", "192", *extra]
     assert run(tmp_path / "eager", tiny_sd15_dir, buckets_data, *common, "--cuda_graphs", "false",
                "--sdpa_backend", "torch") == 0
     with caplog.at_level("INFO", logger="tomlora"):
@@ -159,3 +160,20 @@ def test_gpu_default_path_trains_as_eager(tmp_path, tiny_sd15_dir, buckets_data,
     assert b == pytest.approx(a, rel=2e-2)
     for k in wa:
         torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=5e-2, atol=5e-3)
+
+
+def test_run_level_graph_problems_name_preservation_multipliers_and_adapters():
+    """A graph replays the multiplier and batch it was captured with: preservation's second
+    prompt batch and a per-dataset network_multiplier are hard stops; a LyCORIS algorithm
+    is only 'not verified' (an explicit cuda_graphs = true still takes it)."""
+    from types import SimpleNamespace as NS
+    from library.train.fast_path import run_graph_problems
+    lora = NS(spec=NS(algo="lora", dora=False))
+    lokr = NS(spec=NS(algo="lokr", dora=True))
+    plain = NS(datasets=[NS(o=NS(network_multiplier=1.0))])
+    assert run_graph_problems(NS(preservation_weight=0.0), [lora], plain) == ((), ())
+    hard, soft = run_graph_problems(NS(preservation_weight=1.0), [lora, lokr],
+                                    NS(datasets=[NS(o=NS(network_multiplier=1.0)),
+                                                 NS(o=NS(network_multiplier=0.5))]))
+    assert len(hard) == 2 and "preservation_weight" in hard[0] and "network_multiplier" in hard[1]
+    assert soft == ("lokr+DoRA is not verified under CUDA graphs",)
