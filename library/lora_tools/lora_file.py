@@ -7,10 +7,11 @@ files are turned into kohya keys first (networks.formats), keeping alphas stored
     ALGORITHMS = [Algorithm("LoRA", ("lora_down.weight",), lora_delta), ...]
 
 A plain LoRA (and LoCon: the same keys on convs) has factors, so exact merges and cheap
-resizes use them. Other algorithms (LoHa, LoKr, DoRA...) plug in with `register(name,
-markers, delta_fn)`, where `delta_fn(tensors, base_weight)` returns the full fp32 delta
-(scale included) from the module's tensors (suffix -> tensor); until one is registered a
-file holding them stops with "LoHa file: not supported by this tool yet".
+resizes use them. The LyCORIS algorithms (LoHa, LoKr, DoRA, Tucker LoCon, full, (IA)3) give
+their full fp32 delta through our own adapters' math (`adapter_delta`, networks.adapters);
+DoRA and (IA)3 need the base weight, so only merging into a model takes them. Others plug in
+with `register(name, markers, delta_fn)`, `delta_fn(tensors, base_weight)`; a file of an
+algorithm without one (OFT/BOFT) stops with "OFT/BOFT file: not supported by this tool yet".
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Algorithm:
     name: str
     markers: tuple[str, ...]  # a module holding a tensor with one of these suffixes is ours
     delta: DeltaFn | None  # None: recognised, not supported yet
+    takes_shape: bool = False  # delta(tensors, base_weight, shape): the module's weight shape
 
 
 def lora_delta(t: Mapping[str, torch.Tensor], base_weight: torch.Tensor | None = None
@@ -50,14 +52,28 @@ def _unsupported(name: str) -> DeltaFn:
     return fail
 
 
+def adapter_delta(t: Mapping[str, torch.Tensor], base_weight: torch.Tensor | None = None,
+                  shape: tuple | None = None) -> torch.Tensor:
+    """A LyCORIS module's delta through our own adapters' math (networks.adapters), shaped
+    like the base weight (given, else the shape the file's tensors and the module's name
+    imply, see `Module.shape`)."""
+    from networks.adapters import delta_from_tensors
+    if base_weight is not None:
+        shape = tuple(base_weight.shape)
+    if shape is None:
+        raise ValueError("cannot tell the module's weight shape without the model")
+    return delta_from_tensors(t, shape, base_weight)
+
+
 ALGORITHMS: list[Algorithm] = [
     Algorithm("LoRA", ("lora_down.weight", "lora_up.weight"), lora_delta),
-    Algorithm("DoRA", ("dora_scale",), None),  # before LoRA: DoRA modules carry lora_* too
-    Algorithm("LoHa", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), None),
-    Algorithm("LoKr", ("lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"), None),
-    Algorithm("LoCon (Tucker)", ("lora_mid.weight",), None),
-    Algorithm("full/diff", ("diff", "diff_b"), None),
-    Algorithm("IA3", ("on_input",), None),
+    # before LoRA: DoRA and Tucker modules carry lora_* too
+    Algorithm("DoRA", ("dora_scale",), adapter_delta, True),
+    Algorithm("LoHa", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), adapter_delta, True),
+    Algorithm("LoKr", ("lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"), adapter_delta, True),
+    Algorithm("LoCon (Tucker)", ("lora_mid.weight",), adapter_delta, True),
+    Algorithm("full/diff", ("diff", "diff_b"), adapter_delta, True),
+    Algorithm("IA3", ("on_input",), adapter_delta, True),
     Algorithm("OFT/BOFT", ("oft_blocks", "oft_diag"), None),
 ]
 
@@ -90,6 +106,7 @@ class Module:
     tensors: dict[str, torch.Tensor]
     algorithm: Algorithm
     source: str = ""  # the file, for error messages
+    shape: tuple | None = None  # non-LoRA modules: the base weight's shape, where it can be told
 
     @property
     def is_lora(self) -> bool:
@@ -134,7 +151,8 @@ class Module:
             raise ValueError(f"{where}: {self.algorithm.name} file: not supported by this "
                              "tool yet (plain LoRA and LoCon files are)")
         try:
-            delta = self.algorithm.delta(self.tensors, base_weight)
+            delta = self.algorithm.delta(self.tensors, base_weight, self.shape) \
+                if self.algorithm.takes_shape else self.algorithm.delta(self.tensors, base_weight)
         except (ValueError, KeyError, RuntimeError) as e:
             raise ValueError(f"{where}: {self.algorithm.name}: {e}") from None
         if base_weight is not None and delta.numel() != base_weight.numel():
@@ -189,6 +207,17 @@ def to_kohya(sd: dict[str, torch.Tensor], meta: Mapping[str, str], family: str |
     return formats.peft_to_kohya(sd, fam, unet_config or config, alpha=alphas)
 
 
+def weight_shape(stem: str, tensors: Mapping[str, torch.Tensor], linear_proj: bool
+                 ) -> tuple | None:
+    """A LyCORIS module's base weight shape from its tensors and name (None: only the model
+    can tell, e.g. (IA)3)."""
+    from networks.export import implied_shape, stock_shape
+    try:
+        return stock_shape(stem, implied_shape(tensors), linear_proj)
+    except ValueError:
+        return None
+
+
 def read_modules(path: str | Path, *, family: str | None = None,
                  unet_config: Mapping | None = None
                  ) -> tuple[dict[str, Module], dict[str, str]]:
@@ -204,6 +233,8 @@ def read_modules(path: str | Path, *, family: str | None = None,
     sd = {k: lazy.read(k) for k in lazy.keys()}
     try:
         sd = to_kohya(sd, lazy.metadata, family, unet_config)
+        linear_proj = bool((unet_config or {}).get(
+            "use_linear_projection", (family or layouts.family_of(sd, lazy.metadata)) == "sdxl"))
         modules = {}
         for stem, tensors in sorted(group(sd).items()):
             algo = algorithm_of(tensors)
@@ -213,7 +244,9 @@ def read_modules(path: str | Path, *, family: str | None = None,
                                  "checkpoint?)")
             if algo.name == "LoRA":
                 _check_lora_module(stem, tensors)
-            modules[stem] = Module(stem, tensors, algo, str(path))
+            modules[stem] = Module(stem, tensors, algo, str(path),
+                                   None if algo.name == "LoRA" else
+                                   weight_shape(stem, tensors, linear_proj))
         if not modules:
             raise ValueError("holds no tensors")
         odd = sorted({m.algorithm.name for m in modules.values() if m.algorithm.delta is None})

@@ -115,16 +115,15 @@ def test_diffusers_layout_input(loras, tmp_path, tiny_sd15_dir):  # noqa: F811
     assert_same_deltas(deltas(out), deltas(loras["sd15_b"]), rtol=1e-5, atol=1e-5)
 
 
-def _loha(path):
-    save_file({"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 2),
-               "lora_unet_mid_block_attentions_0_proj_in.hada_w1_b": torch.zeros(2, 4),
+def _oft(path):
+    save_file({"lora_unet_mid_block_attentions_0_proj_in.oft_blocks": torch.zeros(4, 2, 2),
                "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(2.0)}, str(path))
     return path
 
 
 @pytest.mark.parametrize("case,expect", [
     ("not_lora", "not a LoRA file"),
-    ("loha", "LoHa file: not supported by this tool yet"),
+    ("oft", "not a LoRA file"),  # OFT/BOFT: no tool reads them
     ("exists", "exists; pass --overwrite"),
     ("no_param", "--dynamic_method sv_fro needs --dynamic_param"),
     ("torn", "lora_up [8, 4] does not fit lora_down [3, 16]"),
@@ -135,8 +134,8 @@ def test_bad_inputs_exit_2_and_write_nothing(loras, tmp_path, tiny_sd15_dir, cap
     out = tmp_path / "out.safetensors"
     if case == "not_lora":
         src = tiny_sd15_dir / "text_encoder" / "model.safetensors"
-    elif case == "loha":
-        src = _loha(tmp_path / "loha.safetensors")
+    elif case == "oft":
+        src = _oft(tmp_path / "oft.safetensors")
     elif case == "exists":
         out.write_bytes(b"keep me")
     elif case == "no_param":
@@ -166,18 +165,15 @@ def test_quantile_by_selection_equals_torch_quantile():
             torch.testing.assert_close(quantile(x, q), torch.quantile(x, q))
 
 
-def test_other_algorithms_plug_in_and_resize_to_plain_lora(tmp_path, monkeypatch):
-    """The registry the LyCORIS adapters plug into: once LoHa has a delta function, a LoHa
-    file resizes to a plain LoRA with the same delta."""
-    from library.lora_tools import lora_file
-    loha = next(a for a in lora_file.ALGORITHMS if a.name == "LoHa")
+def test_lycoris_files_resize_to_plain_lora(tmp_path):
+    """LyCORIS files go through our adapters' math (networks.adapters): a LoHa file resizes
+    to a plain LoRA with the delta of LoHa's formula, written out here independently."""
 
     def loha_delta(t, base_weight=None):
         w1 = t["hada_w1_a"].float() @ t["hada_w1_b"].float()
         w2 = t["hada_w2_a"].float() @ t["hada_w2_b"].float()
         return w1 * w2 * (float(t["alpha"]) / t["hada_w1_b"].shape[0])
 
-    monkeypatch.setattr(loha, "delta", loha_delta)
     g = torch.Generator().manual_seed(0)
     stem = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
     t = {f"{stem}.hada_w1_a": torch.randn(16, 2, generator=g),

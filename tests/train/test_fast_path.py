@@ -65,11 +65,17 @@ def test_cpu_keeps_the_eager_path_and_an_explicit_request_warns():
 
 
 def test_gradient_checkpointing_runs_inside_the_graphs_unless_lora_dropout():
+    # not verified on a GPU yet: only an explicit cuda_graphs = true takes it
     p = plan("--gradient_checkpointing")
+    assert not p.cuda_graphs and "gradient_checkpointing inside the graphs is not " \
+        "verified yet" in p.line
+    assert not plan("--gradient_accumulation_steps", "2").cuda_graphs
+    p = plan("--gradient_checkpointing", "--cuda_graphs")
     assert p.cuda_graphs and p.checkpoint_in_graphs
     assert "gradient checkpointing recomputed inside them" in p.line
     for key in ("dropout", "rank_dropout"):
-        p = plan("--gradient_checkpointing", dropouts={**NO_DROPOUT, key: 0.1})
+        p = plan("--gradient_checkpointing", "--cuda_graphs",
+                 dropouts={**NO_DROPOUT, key: 0.1})
         assert not p.cuda_graphs and "other dropout masks" in p.line
     # without checkpointing LoRA dropout draws its masks inside the graph, fresh each replay
     assert plan(dropouts={**NO_DROPOUT, "dropout": 0.1}).cuda_graphs
@@ -153,7 +159,9 @@ def test_gpu_default_path_trains_as_eager(tmp_path, tiny_sd15_dir, buckets_data,
     assert run(tmp_path / "eager", tiny_sd15_dir, buckets_data, *common, "--cuda_graphs", "false",
                "--sdpa_backend", "torch") == 0
     with caplog.at_level("INFO", logger="tomlora"):
-        assert run(tmp_path / "fast", tiny_sd15_dir, buckets_data, *common) == 0
+        # checkpointing and accumulation under graphs are taken only when asked for
+        assert run(tmp_path / "fast", tiny_sd15_dir, buckets_data, *common,
+                   *(["--cuda_graphs"] if extra else [])) == 0
     assert "speed: CUDA graphs of the UNet for 4 batch shapes" in caplog.text
     (a, wa), (b, wb) = curve_and_weights(tmp_path / "eager"), curve_and_weights(tmp_path / "fast")
     assert len(a) == len(b) == 6
