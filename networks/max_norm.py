@@ -13,6 +13,8 @@ What a module must offer (kept small so other adapter kinds can join):
     Frobenius norm of its ΔW at multiplier 1 (a 0-dim tensor) and the list of tensors whose
     product forms ΔW, each entering it linearly (LoHa: the four hada_w tensors).
 The multiplier is not part of the norm: it is a use-time setting, not the learned update.
+Our adapters (networks/adapters) all offer `max_norm_factors`; a DoRA module returns no
+factors (its update is renormalised per row) and is not scaled.
 """
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ def apply_max_norm(modules: Iterable, max_norm: float | None) -> dict[str, float
     norms, scaled = [], []
     for m in modules:
         norm, factors = lora_norm_and_factors(m)
+        if not factors:  # DoRA: its update is not a product of factors; left alone
+            continue
         # ratio < 1 only above the max; the clamp keeps a zero norm from dividing by zero
         ratio = (max_norm / norm.clamp(min=max_norm / 2)).clamp(max=1.0)
         share = ratio ** (1.0 / len(factors))

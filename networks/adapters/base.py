@@ -241,6 +241,31 @@ class Adapter(nn.Module):
                                    self.spec.dora_on_out) - w.float()
             return delta * self.multiplier
 
+    def max_norm_factors(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """For `scale_weight_norms` (networks/max_norm.py): the Frobenius norm of ΔW at
+        multiplier 1 (scale and scalar included) and the trained tensors ΔW is linear in, each
+        (LoRA's up and down, LoHa's four hada_w, LoKr's factors, full's diff, (IA)3's weight,
+        a trained scalar). DoRA's update is renormalised per row, not such a product: it gets
+        no factors and is left alone. A plain LoRA's norm comes from two rank x rank Gram
+        matrices instead of the dense product."""
+        if self.spec.dora:
+            return torch.zeros(()), []
+        slots = self.slots()
+        factors = [t for k, t in slots.items()
+                   if isinstance(t, nn.Parameter) and t.requires_grad and k != "diff_b"]
+        if isinstance(self.scalar, nn.Parameter):
+            factors.append(self.scalar)
+        with torch.no_grad():
+            if "lora_up.weight" in slots and "lora_mid.weight" not in slots:
+                u = slots["lora_up.weight"].float().reshape(slots["lora_up.weight"].shape[0], -1)
+                d = slots["lora_down.weight"].float()
+                d = d.reshape(d.shape[0], -1)
+                norm = ((u.T @ u) * (d @ d.T)).sum().clamp(min=0).sqrt() * abs(self.scale)
+                norm = norm * self.scalar.float().abs()
+            else:
+                norm = (self._delta().float() * self.scalar.float()).norm()
+        return norm, factors
+
     def delta_bias(self) -> torch.Tensor | None:
         b = self._delta_bias()
         return None if b is None else b.detach().float() * self.multiplier

@@ -101,3 +101,39 @@ def test_other_adapters_join_through_max_norm_factors():
     assert out[KEYS_SCALED] == 1.0
     assert float(torch.linalg.norm(m.a * m.b)) == pytest.approx(9.0, rel=1e-6)
     torch.testing.assert_close(m.a / 2.0, m.b / 3.0)  # each factor scaled by sqrt(1/2)
+
+
+@pytest.mark.parametrize("spec", [
+    dict(algo="lora"), dict(algo="lora", use_tucker=True), dict(algo="lora", use_scalar=True),
+    dict(algo="loha"), dict(algo="lokr"), dict(algo="full"), dict(algo="ia3")],
+    ids=["lora", "locon-tucker", "lora-scalar", "loha", "lokr", "full", "ia3"])
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv3x3"])
+def test_every_adapter_is_clamped_to_the_max(spec, conv):
+    """Each LyCORIS algorithm of our network: after apply_max_norm the dense ΔW (multiplier
+    1) has norm exactly the max, and a second call scales nothing."""
+    from networks.adapters import make_adapter
+    from networks.adapters.base import AdapterSpec
+    if spec["algo"] == "ia3" and conv:
+        pytest.skip("(IA)3 targets Linear layers")
+    torch.manual_seed(0)
+    base = nn.Conv2d(8, 12, 3, padding=1) if conv else nn.Linear(16, 12)
+    m = make_adapter("m", base, 4, 2.0, AdapterSpec(**spec))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p))
+    big = float(m.delta_weight().norm())
+    out = apply_max_norm([m], big / 3)
+    assert out["max_norm/keys_scaled"] == 1
+    assert float(m.delta_weight().norm()) == pytest.approx(big / 3, rel=1e-4)
+    assert apply_max_norm([m], big / 3 * 1.0001)["max_norm/keys_scaled"] == 0  # rounding
+
+
+def test_dora_modules_are_left_alone():
+    from networks.adapters import make_adapter
+    from networks.adapters.base import AdapterSpec
+    m = make_adapter("m", nn.Linear(16, 12), 4, 2.0, AdapterSpec(algo="lora", dora=True))
+    with torch.no_grad():
+        m.lora_up.weight.normal_()
+    before = m.delta_weight().clone()
+    assert apply_max_norm([m], 1e-6) == {}
+    torch.testing.assert_close(m.delta_weight(), before)
