@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import torch
 
 from networks import formats, layouts
+from networks.adapters import group_by_module
 from networks.from_file import detect_layout
 
 DeltaFn = Callable[[Mapping[str, torch.Tensor], "torch.Tensor | None"], torch.Tensor]
@@ -161,14 +162,6 @@ class Module:
         return delta.float()
 
 
-def group(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        stem, _, suffix = key.partition(".")
-        out.setdefault(stem, {})[suffix] = value
-    return out
-
-
 def _check_lora_module(stem: str, t: dict) -> None:
     down, up = t.get("lora_down.weight"), t.get("lora_up.weight")
     if down is None or up is None:
@@ -236,7 +229,7 @@ def read_modules(path: str | Path, *, family: str | None = None,
         linear_proj = bool((unet_config or {}).get(
             "use_linear_projection", (family or layouts.family_of(sd, lazy.metadata)) == "sdxl"))
         modules = {}
-        for stem, tensors in sorted(group(sd).items()):
+        for stem, tensors in sorted(group_by_module(sd).items()):
             algo = algorithm_of(tensors)
             if algo is None:
                 raise ValueError(f"not a LoRA file: tensor {stem}.{next(iter(tensors))} "
