@@ -122,7 +122,11 @@ class RunLock:
 
 def claim_output_dir(out_dir: Path, cleanup) -> list[str]:
     """Lock `out_dir` until `cleanup` (an ExitStack) closes, then remove the temporary files
-    an interrupted run left there. Returns the notes to log; LockError if it is in use."""
+    an interrupted run left there. Returns the notes to log; LockError if it is in use.
+    Under `accelerate launch` only the main process (RANK 0) locks and tidies: the others
+    are the same run."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return []
     lock = cleanup.enter_context(RunLock(out_dir))
     return [n for n in [lock.note] if n] + [
         f"{out_dir}: removed {name}, left by an interrupted run"

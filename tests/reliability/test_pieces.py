@@ -160,3 +160,19 @@ def test_resume_latest_takes_the_newest_complete_state(tmp_path):
     assert found == tmp_path / "t-step00000002-state"
     assert len(notes) == 1 and notes[0].startswith("skipped t-step00000003-state: ")
     assert latest_state(tmp_path / "none", "t") == (None, [])
+
+
+def test_only_the_main_process_of_a_launch_locks_the_folder(tmp_path, monkeypatch):
+    """accelerate launch starts one process per GPU for the same run: rank 0 locks (and
+    tidies) output_dir, the others must not find it 'in use by another run'."""
+    from contextlib import ExitStack
+    from library.train.run_lock import claim_output_dir
+    out = tmp_path / "out"
+    with ExitStack() as main_rank:
+        monkeypatch.setenv("RANK", "0")
+        claim_output_dir(out, main_rank)
+        assert (out / LOCK_NAME).is_file()
+        monkeypatch.setenv("RANK", "1")
+        with ExitStack() as other_rank:
+            assert claim_output_dir(out, other_rank) == []
+        assert (out / LOCK_NAME).is_file()  # still rank 0's

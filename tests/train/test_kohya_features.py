@@ -81,7 +81,7 @@ def test_class_paths_step_lr_and_no_metadata(tmp_path, tiny_sd15_dir, data, capl
                  "--lr_scheduler_args", "step_size=1", "gamma=0.5",
                  "--metadata_title", "My LoRA", "--no_metadata")
     assert rc == 0
-    assert "imported torch.optim.adam.Adam, called with lr=0.001, betas=(0.8, 0.99)" \
+    assert "imported torch.optim.adam.Adam, called with lr=0.001, betas=[0.8, 0.99]" \
         in caplog.text
     assert "imported torch.optim.lr_scheduler.StepLR" in caplog.text
     # StepLR halves the rate every step: the lr after steps 1, 2, 3
