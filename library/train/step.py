@@ -35,23 +35,14 @@ class LossSettings:
     huber_schedule: str = "snr"
     huber_c: float = 0.1
     huber_scale: float = 1.0
-    timestep_sampling: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    sigmoid_scale: float = 1.0
-    discrete_flow_shift: float = 3.0
+    sampling: T.TimestepSampling = T.TimestepSampling()
 
     @classmethod
     def from_config(cls, cfg) -> "LossSettings":
         tr = cfg.training
         return cls(tr.noise_offset, tr.min_snr_gamma, cfg.model.v_parameterization,
-                   **{f.name: getattr(tr, f.name) for f in fields(cls)[3:]})
-
-    @property
-    def sampling(self) -> T.TimestepSampling:
-        return T.TimestepSampling(self.timestep_sampling, self.logit_mean, self.logit_std,
-                                  self.mode_scale, self.sigmoid_scale, self.discrete_flow_shift)
+                   **{f.name: getattr(tr, f.name) for f in fields(cls)[3:-1]},
+                   sampling=T.TimestepSampling.from_config(tr))
 
 
 def noisy_latents(scheduler, latents: torch.Tensor, s: LossSettings):

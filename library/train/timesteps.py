@@ -50,6 +50,12 @@ class TimestepSampling:
     sigmoid_scale: float = 1.0
     shift: float = 3.0
 
+    @classmethod
+    def from_config(cls, training) -> "TimestepSampling":
+        """From the [training] keys (`discrete_flow_shift` is the shift)."""
+        return cls(training.timestep_sampling, training.logit_mean, training.logit_std,
+                   training.mode_scale, training.sigmoid_scale, training.discrete_flow_shift)
+
 
 def sample_fraction(n: int, s: TimestepSampling, device="cpu",
                     generator: torch.Generator | None = None) -> torch.Tensor:

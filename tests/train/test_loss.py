@@ -15,6 +15,7 @@ from library.models.sd15 import SD15
 from library.train import loss as L
 from library.train.noise import apply_zero_terminal_snr
 from library.train.step import LossSettings, diffusion_loss
+from library.train.timesteps import TimestepSampling
 from tools.make_tiny_model import SCHEDULER_COMMON, _unet_sd15
 
 PRED = torch.tensor([[0.0, 0.5, -2.0, 3.0]])
@@ -89,13 +90,16 @@ def test_loss_settings_read_every_training_key():
                         max_timestep=900, min_snr_gamma=5.0,
                         scale_v_pred_loss_like_noise_pred=True,
                         debiased_estimation_loss=True, loss_type="huber",
-                        huber_schedule="exponential", huber_c=0.2, huber_scale=1.5)
+                        huber_schedule="exponential", huber_c=0.2, huber_scale=1.5,
+                        timestep_sampling="shift", logit_mean=0.1, logit_std=0.9,
+                        mode_scale=1.1, sigmoid_scale=1.2, discrete_flow_shift=2.5)
     s = LossSettings.from_config(Config(model=ModelConfig(v_parameterization=True),
                                         training=tr))
     assert s.v_prediction is True
     for f in fields(LossSettings):
-        if f.name != "v_prediction":
+        if f.name not in ("v_prediction", "sampling"):
             assert getattr(s, f.name) == getattr(tr, f.name), f.name
+    assert s.sampling == TimestepSampling("shift", 0.1, 0.9, 1.1, 1.2, 2.5)
 
 
 class ConvDenoiser(torch.nn.Module):

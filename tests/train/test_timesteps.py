@@ -114,7 +114,7 @@ def test_min_equal_max_trains_one_timestep():
 @pytest.mark.parametrize("name", list(CASES))
 def test_loss_weightings_work_with_each_distribution(name):
     sched = DDPMScheduler(**SCHEDULER_COMMON)
-    s = LossSettings(timestep_sampling=name, min_snr_gamma=5.0, debiased_estimation_loss=True,
+    s = LossSettings(sampling=T.TimestepSampling(name), min_snr_gamma=5.0, debiased_estimation_loss=True,
                      min_timestep=10, max_timestep=900)
     torch.manual_seed(4)
     noise, noisy, t = noisy_latents(sched, torch.randn(16, 4, 8, 8), s)
