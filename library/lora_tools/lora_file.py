@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 import torch
 
 from networks import formats, layouts
-from networks.adapters import group_by_module
+from networks.adapters import delta_from_tensors, group_by_module
 from networks.from_file import detect_layout
 
 DeltaFn = Callable[[Mapping[str, torch.Tensor], "torch.Tensor | None"], torch.Tensor]
@@ -58,7 +58,6 @@ def adapter_delta(t: Mapping[str, torch.Tensor], base_weight: torch.Tensor | Non
     """A LyCORIS module's delta through our own adapters' math (networks.adapters), shaped
     like the base weight (given, else the shape the file's tensors and the module's name
     imply, see `Module.shape`)."""
-    from networks.adapters import delta_from_tensors
     if base_weight is not None:
         shape = tuple(base_weight.shape)
     if shape is None:
