@@ -116,25 +116,50 @@ def summarise(results: list[dict], variants: list[str]) -> list[dict]:
         mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
         rows.append({"variant": v, "runs": len(rs), "seeds": [r["seed"] for r in rs],
                      **{k: mean(k) for k in ("concept_before", "concept_after", "plain_diff",
-                                             "unrelated_diff", "plain_agreement")},
+                                             "unrelated_diff", "plain_agreement", "shift_plain",
+                                             "shift_class")},
                      "per_seed": {k: [r[k] for r in rs] for k in
-                                  ("concept_after", "plain_diff", "plain_agreement")}})
+                                  ("concept_after", "plain_diff", "plain_agreement",
+                                   "shift_plain")}})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| variant | learned concept (per seed) | plain difference (unrelated) | "
-             "readings unchanged (per seed) |", "|---|---|---|---|"]
+             "readings unchanged (per seed) | prediction shift, plain (class) |",
+             "|---|---|---|---|---|"]
     for r in rows:
         if not r["runs"]:
-            lines.append(f"| {r['variant']} | failed | | |")
+            lines.append(f"| {r['variant']} | failed | | | |")
             continue
         pct = lambda xs: " / ".join(f"{x:.0%}" for x in xs)  # noqa: E731
         lines.append(
             f"| {r['variant']} | {r['concept_after']:.0%} ({pct(r['per_seed']['concept_after'])})"
             f" | {r['plain_diff']:.3f} ({r['unrelated_diff']:.3f}) | "
-            f"{r['plain_agreement']:.0%} ({pct(r['per_seed']['plain_agreement'])}) |")
+            f"{r['plain_agreement']:.0%} ({pct(r['per_seed']['plain_agreement'])}) | "
+            f"{r['shift_plain']:.4f} ({r['shift_class']:.4f}) |")
     return "\n".join(lines)
+
+
+def print_recorded(files: list[str], variants: list[str]) -> int:
+    """The table of runs recorded earlier (several batches, e.g. seeds on separate calls)."""
+    results = []
+    for name in files:
+        try:
+            lines = Path(name).read_text().splitlines()
+        except OSError as e:
+            print(f"--summarise: cannot read {name}: {e.strerror}", file=sys.stderr)
+            return 2
+        for i, line in enumerate(lines, 1):
+            try:
+                results.append(json.loads(line)) if line.strip() else None
+            except json.JSONDecodeError:
+                print(f"--summarise: {name} line {i} is not a JSON run record", file=sys.stderr)
+                return 2
+    seen = {r.get("variant") for r in results}
+    print(markdown(summarise(results, [v for v in variants if v in seen])))
+    print(f"\n{len(results)} runs from {', '.join(files)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,11 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--work", default="variants", help="folder for datasets and runs")
     ap.add_argument("--out", default=None, help="JSON file for every figure")
+    ap.add_argument("--summarise", nargs="+", metavar="JSONL", default=None,
+                    help="train nothing: print the table of the runs recorded in these "
+                    "files (the .jsonl that --out writes beside it, one run per line)")
     a = ap.parse_args(argv)
     unknown = [v for v in a.variants if v not in VARIANTS]
     if unknown:
         print(f"--variants: unknown {unknown}; valid: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
+    if a.summarise:
+        return print_recorded(a.summarise, a.variants)
     os.chdir(ROOT)
     work = Path(a.work).resolve()
     jobs = []

@@ -18,6 +18,7 @@ SEED_002_PROMPTS = CONFIGS / "examples" / "seed_002_sample_prompts.txt"
 
 # Every shipped config, relative to configs/. Adding a config: add it here and bump the count.
 SHIPPED = [
+    "examples/sd15_character_ema.toml",
     "examples/sdxl_lokr_character.toml",
     "examples/seed_002_sdxl.toml",
     "examples/tiny_demo.toml",
@@ -25,7 +26,7 @@ SHIPPED = [
     "presets/fast_compile.toml",
     "presets/lowmem.toml",
 ]
-SHIPPED_COUNT = 6
+SHIPPED_COUNT = 7
 PLANNED_REASON = "sampling lands with issue 8"
 
 
