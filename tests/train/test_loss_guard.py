@@ -166,6 +166,11 @@ GPU_OPTIONS = {
     "default path + accumulation 2 + checkpointing, fp16":
         (["--gradient_accumulation_steps", "2", "--gradient_checkpointing",
           "--mixed_precision", "fp16"], BF16_TOL, ["--gradient_accumulation_steps", "2", *EAGER]),
+    # The quality options on the default path: EMA leaves the training weights (and so the
+    # loss) as they are; preservation adds its term to both runs.
+    "default path + ema_decay": (["--ema_decay", "0.99"], BF16_TOL),
+    "default path + preservation_weight":
+        (["--preservation_weight", "1.0"], BF16_TOL, ["--preservation_weight", "1.0", *EAGER]),
     "cuda_graphs": (["--cuda_graphs"], BF16_TOL),
     "compile": (["--compile"], BF16_TOL),
     "compile reduce-overhead": (["--compile", "--compile_mode", "reduce-overhead"], BF16_TOL),
