@@ -150,7 +150,14 @@ class LoRANetwork(nn.Module):
         unexpected = sorted(k for k in sd if k not in expected)
         shapes = [f"{k}: file {tuple(sd[k].shape)} vs network {tuple(p.shape)}"
                   for k, p in expected.items() if k in sd and sd[k].shape != p.shape]
+        # (IA)3's layout flag: the network was built for one axis, the file must agree
+        axes = [f"{k}: file {int(sd[k].float().item())} vs network {int(p.item())}"
+                for k, p in expected.items() if k.endswith(".on_input") and k in sd
+                and sd[k].numel() == 1 and int(sd[k].float().item()) != int(p.item())]
         problems = []
+        if axes:
+            problems.append(f"{len(axes)} (IA)3 on_input flags differ (set train_on_input "
+                            f"to match the file), e.g. {axes[:3]}")
         if strict and missing:
             problems.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
         if strict and unexpected:

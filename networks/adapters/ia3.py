@@ -47,4 +47,6 @@ class IA3Module(Adapter):
         return {"weight": self.weight, "on_input": self.on_input}
 
     def _delta(self) -> torch.Tensor:
-        return ia3_delta(self.original_weight(), self.weight, bool(self.on_input))
+        # the spec's bool, not the buffer: reading a tensor on the host in the forward would
+        # sync the GPU and break CUDA graph capture (the buffer is built from the same bool)
+        return ia3_delta(self.original_weight(), self.weight, self.spec.on_input)

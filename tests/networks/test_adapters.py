@@ -142,3 +142,31 @@ def test_network_type_is_written_as_lycoris_metadata():
     lo = replace(Config().lora, network_type="loha", network_args={"conv_dim": 4})
     assert network_identity(lo) == ("lycoris.kohya", {"algo": "loha", "conv_dim": 4})
     assert network_identity(Config().lora) == ("networks.lora", {})
+
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_training_forward_reads_no_tensor_value_on_the_host(spec, monkeypatch):
+    """A host read (.item(), bool(tensor), float(tensor)) in the forward syncs the GPU and
+    invalidates CUDA graph capture (the (IA)3 forward once read its on_input buffer so)."""
+    model = Tiny()
+    net = network(model, spec).attach()
+    net.train()
+    x, img = inputs()
+
+    def host_read(*_args):
+        raise AssertionError("the adapter forward read a tensor's value on the host")
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    lin, conv = model(x, img)
+    assert lin.shape == (3, 8) and conv.shape == (1, 8, 5, 5)
+
+
+def test_ia3_file_with_the_other_axis_is_refused_by_name():
+    """The forward takes (IA)3's axis from the network's spec, so a file trained on the other
+    axis (same shape for a square layer) is refused rather than applied along the wrong one."""
+    model = Tiny()
+    sd = network(model, AdapterSpec("ia3", on_input=True)).kohya_state_dict()
+    fresh = network(Tiny(), AdapterSpec("ia3"), randomise=False)
+    with pytest.raises(ValueError, match="on_input flags differ.*lora_unet_conv.on_input"):
+        fresh.load_kohya_state_dict(sd, source="x.safetensors")

