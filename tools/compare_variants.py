@@ -151,8 +151,10 @@ def print_recorded(files: list[str], variants: list[str]) -> int:
             print(f"--summarise: cannot read {name}: {e.strerror}", file=sys.stderr)
             return 2
         for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
             try:
-                results.append(json.loads(line)) if line.strip() else None
+                results.append(json.loads(line))
             except json.JSONDecodeError:
                 print(f"--summarise: {name} line {i} is not a JSON run record", file=sys.stderr)
                 return 2
