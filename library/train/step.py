@@ -41,7 +41,8 @@ class LossSettings:
     def from_config(cls, cfg) -> "LossSettings":
         tr = cfg.training
         return cls(tr.noise_offset, tr.min_snr_gamma, cfg.model.v_parameterization,
-                   **{f.name: getattr(tr, f.name) for f in fields(cls)[3:-1]},
+                   **{f.name: getattr(tr, f.name) for f in fields(cls) if f.name not in
+                      ("noise_offset", "min_snr_gamma", "v_prediction", "sampling")},
                    sampling=T.TimestepSampling.from_config(tr))
 
 

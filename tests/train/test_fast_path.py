@@ -65,11 +65,12 @@ def test_cpu_keeps_the_eager_path_and_an_explicit_request_warns():
 
 
 def test_gradient_checkpointing_runs_inside_the_graphs_unless_lora_dropout():
-    # not verified on a GPU yet: only an explicit cuda_graphs = true takes it
+    # not through the GPU loss guard yet: only an explicit cuda_graphs = true takes it
     p = plan("--gradient_checkpointing")
-    assert not p.cuda_graphs and "gradient_checkpointing inside the graphs is not " \
-        "verified yet" in p.line
-    assert not plan("--gradient_accumulation_steps", "2").cuda_graphs
+    assert not p.cuda_graphs and "gradient_checkpointing inside the graphs has not passed " \
+        "the GPU loss guard yet" in p.line
+    p = plan("--gradient_accumulation_steps", "2")
+    assert not p.cuda_graphs and "gradient accumulation under the graphs has not passed" in p.line
     p = plan("--gradient_checkpointing", "--cuda_graphs")
     assert p.cuda_graphs and p.checkpoint_in_graphs
     assert "gradient checkpointing recomputed inside them" in p.line
